@@ -1,0 +1,44 @@
+# Two entry points (see README): `make demo` and `make test`. Both set up .venv first and reuse it
+# when it is complete for the current pyproject.toml.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The setup stamp records the hash of pyproject.toml: a changed dependency list re-runs the install.
+STAMP := $(VENV)/.setup-complete
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DEMO_DIR ?= outputs/demo
+
+.PHONY: setup demo test test-fast clean-venv
+
+setup:
+	@want=$$(sha256sum pyproject.toml | cut -d' ' -f1); \
+	if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$$want" ]; then \
+		echo "setup: $(VENV) is complete, reusing it"; \
+	else \
+		set -e; \
+		[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV); \
+		$(BIN)/pip install --quiet --upgrade pip; \
+		$(BIN)/pip install --quiet $(TORCH_PINS); \
+		$(BIN)/pip install --quiet -e '.[test]'; \
+		echo "$$want" > $(STAMP); \
+		echo "setup: $(VENV) ready"; \
+	fi
+
+# The main job on the embedded defaults.
+demo: setup
+	@set -e; export PATH="$(abspath $(BIN)):$$PATH"; \
+	detr data synth --format coco --out $(DEMO_DIR)/synth --images 200 --seed 0; \
+	detr data stats $(DEMO_DIR)/synth; \
+	detr data show $(DEMO_DIR)/synth --index 0 --out $(DEMO_DIR)/sample.png; \
+	echo "demo: dataset in $(DEMO_DIR)/synth, one drawn sample in $(DEMO_DIR)/sample.png"
+
+# The whole test suite, slow tests included.
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+
+test-fast: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

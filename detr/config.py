@@ -1,0 +1,397 @@
+"""Typed, validated configuration.
+
+A YAML file is parsed with ``yaml.safe_load``, dotted overrides (``train.lr=2e-4``) are applied,
+and the result is validated into frozen pydantic models. Unknown keys and bad values are errors that
+name the key path, the value and what is accepted. The resolved config is JSON-able (saved in
+checkpoints, logged to MLflow). Only the boundary (CLI, trainer set-up) sees the whole ``Config``;
+everything below it gets the section or the plain values it needs.
+
+Hyperparameters are declared once, here. Defaults are those of the papers (DETR: Carion et al. 2020;
+Deformable DETR: Zhu et al. 2021); presets in ``configs/`` change only what differs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from detr.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+
+class SourceSpec(Section):
+    """One dataset on disk."""
+
+    path: Path
+    format: Literal["auto", "coco", "voc", "yolo", "kitti"] = "auto"
+    # Format-specific subset: the COCO annotation file name or VOC ImageSets/Main list (e.g.
+    # "train"), the YOLO split directory; None means the format's default.
+    split: str | None = None
+
+
+class DropSpec(Section):
+    """Boxes removed by a view because of their attributes (counted in the view report)."""
+
+    difficult: bool = False
+    crowd: bool = False
+    # Drop boxes whose attribute is strictly above the level (KITTI occluded 0..3, truncated 0..1).
+    occluded_above: float | None = None
+    truncated_above: float | None = None
+
+
+class ViewSpec(Section):
+    """A filtered view of a dataset: which boxes and images it keeps."""
+
+    include_labels: list[str] | None = None
+    exclude_labels: list[str] = []
+    drop: DropSpec = DropSpec()
+    # Boxes with width or height below this many pixels are dropped.
+    min_box_size: NonNegInt = 0
+    # Image-level condition: keep an image only if it has at least this many boxes of each class
+    # (after the box filters), e.g. {Car: 2, Pedestrian: 1}.
+    require: dict[str, PositiveInt] = {}
+    drop_empty_images: bool = False
+    max_images: PositiveInt | None = None
+
+
+class LabelSpec(Section):
+    """Edits of the combined label map: rename (several to one merges), then keep a subset."""
+
+    rename: dict[str, str] = {}
+    keep: list[str] | None = None
+
+
+class RepairPolicy(Section):
+    """What bad annotations may be repaired instead of rejected. Repairs are counted and reported."""
+
+    # Clip boxes that extend at most this many pixels beyond the image border; farther is an error.
+    clip_boxes_px: Annotated[float, Field(ge=0)] = 0.0
+    # Drop (and count) boxes with zero area instead of failing.
+    drop_degenerate_boxes: bool = False
+
+
+class SplitSpec(Section):
+    """The datasets of one split (concatenated) and the view applied to them."""
+
+    sources: list[SourceSpec] = Field(min_length=1)
+    view: ViewSpec = ViewSpec()
+
+
+class TransformStep(Section):
+    """One step of a transform pipeline: a name plus its arguments.
+
+    Valid names and arguments are checked when the pipeline is built (``detr.data.transforms``).
+    """
+
+    name: str
+    args: dict[str, Any] = {}
+
+
+class TransformsSpec(Section):
+    train: list[TransformStep] = [
+        TransformStep(name="random_horizontal_flip", args={"p": 0.5}),
+        TransformStep(name="random_resize", args={"sizes": [480, 512, 544, 576, 608], "max_size": 1000}),
+        TransformStep(name="normalize"),
+    ]
+    val: list[TransformStep] = [
+        TransformStep(name="resize", args={"size": 544, "max_size": 1000}),
+        TransformStep(name="normalize"),
+    ]
+
+
+class DataConfig(Section):
+    train: SplitSpec | None = None
+    val: SplitSpec | None = None
+    labels: LabelSpec = LabelSpec()
+    repair: RepairPolicy = RepairPolicy()
+    transforms: TransformsSpec = TransformsSpec()
+    num_workers: NonNegInt = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+
+
+class BackboneConfig(Section):
+    name: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    # A local state dict for the backbone; never downloaded.
+    weights: Path | None = None
+    # Number of trainable ResNet stages counted from the top (0..5); DETR trains layer2..layer4.
+    trainable_layers: Annotated[int, Field(ge=0, le=5)] = 3
+    dilation: bool = False
+    frozen_batchnorm: bool = True
+
+
+class DeformableConfig(Section):
+    n_levels: Annotated[int, Field(ge=1, le=5)] = 4
+    n_points: Annotated[int, Field(ge=1, le=16)] = 4
+    with_box_refine: bool = False
+    two_stage: bool = False
+    two_stage_num_proposals: PositiveInt = 300
+
+
+class MatcherConfig(Section):
+    cost_class: Annotated[float, Field(ge=0)] = 1.0
+    cost_bbox: Annotated[float, Field(ge=0)] = 5.0
+    cost_giou: Annotated[float, Field(ge=0)] = 2.0
+
+
+class LossConfig(Section):
+    class_loss_coef: Annotated[float, Field(ge=0)] = 1.0
+    bbox_loss_coef: Annotated[float, Field(ge=0)] = 5.0
+    giou_loss_coef: Annotated[float, Field(ge=0)] = 2.0
+    # DETR: relative weight of the no-object class in the cross-entropy.
+    eos_coef: Probability = 0.1
+    # Deformable DETR: sigmoid focal loss (and the matcher's focal cost) parameters.
+    focal_alpha: Probability = 0.25
+    focal_gamma: Annotated[float, Field(ge=0)] = 2.0
+
+
+class ModelConfig(Section):
+    arch: Literal["detr", "deformable_detr"] = "detr"
+    backbone: BackboneConfig = BackboneConfig()
+    position_encoding: Literal["sine", "learned"] = "sine"
+    hidden_dim: PositiveInt = 256
+    nheads: PositiveInt = 8
+    enc_layers: NonNegInt = 6
+    dec_layers: PositiveInt = 6
+    dim_feedforward: PositiveInt = 2048
+    dropout: Probability = 0.1
+    num_queries: PositiveInt = 100
+    pre_norm: bool = False
+    aux_loss: bool = True
+    deformable: DeformableConfig = DeformableConfig()
+    matcher: MatcherConfig = MatcherConfig()
+    loss: LossConfig = LossConfig()
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.hidden_dim % self.nheads:
+            raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by nheads ({self.nheads})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+
+
+class ScheduleConfig(Section):
+    kind: Literal["step", "cosine"] = "step"
+    # Epochs after which the lr is multiplied by ``gamma`` (step schedule).
+    milestones: list[PositiveInt] = [200]
+    gamma: PositiveFloat = 0.1
+    warmup_steps: NonNegInt = 0
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class CheckpointConfig(Section):
+    dir: Path = Path("outputs/checkpoints")
+    every_steps: NonNegInt = 0
+    keep_last: PositiveInt = 2
+    best_metric: str = "coco/AP"
+    best_mode: Literal["max", "min"] = "max"
+
+
+class EmaConfig(Section):
+    enabled: bool = False
+    decay: Annotated[float, Field(gt=0, lt=1)] = 0.9998
+
+
+class TrainConfig(Section):
+    epochs: PositiveInt = 300
+    batch_size: PositiveInt = 2
+    lr: PositiveFloat = 1e-4
+    lr_backbone: Annotated[float, Field(ge=0)] = 1e-5
+    # Deformable DETR trains sampling offsets and reference points with a smaller lr.
+    lr_linear_proj_mult: Annotated[float, Field(ge=0)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    clip_max_norm: Annotated[float, Field(ge=0)] = 0.1
+    grad_accum_steps: PositiveInt = 1
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    ema: EmaConfig = EmaConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval_every_epochs: PositiveInt = 1
+    on_nonfinite_loss: Literal["error", "skip"] = "error"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TrackingConfig(Section):
+    # None: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working directory.
+    tracking_uri: str | None = None
+    experiment: str = "mlflow-detr"
+    run_name: str | None = None
+    log_system_metrics: bool = True
+    num_overlay_images: NonNegInt = 4
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def to_dict(self) -> dict:
+        """The resolved config as plain JSON types (paths as strings)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, overrides and error messages
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    Relative dataset and checkpoint paths stay relative to the working directory, so a config
+    behaves the same from the CLI, MLproject and a notebook started in the repository root.
+    """
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        raw = _read_yaml_mapping(Path(path))
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value, source=f"override {item!r}")
+    return config_from_dict(raw, source=source)
+
+
+def config_from_dict(raw: Mapping[str, Any], *, source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(dict(raw))
+    except ValidationError as e:
+        raise ConfigError(_describe_validation_error(e, source)) from None
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like 'section.key=value', e.g. 'train.lr=2e-4'")
+    try:
+        # YAML typing: 2e-4 -> float, true -> bool, [a, b] -> list, null -> None.
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {item!r}: value {text!r} is not valid YAML") from None
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, *, source: str) -> None:
+    parts = key.split(".")
+    node: Any = raw
+    model: type[BaseModel] | None = Config
+    for depth, part in enumerate(parts):
+        _check_known_key(model, parts[: depth + 1], source)
+        model = _field_model(model, part)
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{'.'.join(parts[: depth + 1])}' is not a section, cannot set '{key}'")
+        node = child
+
+
+def _field_model(model: type[BaseModel] | None, name: str) -> type[BaseModel] | None:
+    """The section class of field ``name`` of ``model`` (None for a plain value or free dict)."""
+    if model is None:
+        return None
+    annotation = model.model_fields[name].annotation
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _check_known_key(model: type[BaseModel] | None, parts: list[str], source: str) -> None:
+    if model is None:  # inside a free-form dict (e.g. labels.rename): any key is fine
+        return
+    name = parts[-1]
+    if name not in model.model_fields:
+        raise ConfigError(_unknown_key_message(".".join(parts), name, list(model.model_fields), source))
+
+
+def _unknown_key_message(path: str, name: str, accepted: list[str], source: str) -> str:
+    close = difflib.get_close_matches(name, accepted, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{source}: unknown key '{path}'{hint}; accepted keys here: {', '.join(accepted)}"
+
+
+def _describe_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            parent = _model_at(item["loc"][:-1])
+            accepted = list(parent.model_fields) if parent else []
+            lines.append(_unknown_key_message(loc, str(item["loc"][-1]), accepted, source))
+            continue
+        value = item.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "a mapping"
+        lines.append(f"{source}: '{loc}' = {shown}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if isinstance(part, int):  # an item of a list: same section class as the list
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        model = _field_model(model, part)
+    return model
