@@ -1,0 +1,90 @@
+"""Checkpoint files: atomic writes, weights_only loading, clear errors, RNG state round trip."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from detr.engine.checkpoint import (
+    CheckpointDirectory,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from detr.errors import CheckpointError
+
+
+def test_round_trip_with_weights_only(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    path = save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "config": {"a": [1, 2]}})
+    data = load_checkpoint(path)
+    assert torch.equal(data["model"]["weight"], model.weight)
+    assert data["config"] == {"a": [1, 2]}
+    assert not list(tmp_path.glob("*.tmp"))  # the temp file was renamed, not left behind
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "c.pt", {"x": torch.ones(2)})
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"x": torch.zeros(2)})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["x"], torch.ones(2))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_missing_and_foreign_files_are_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}}, foreign)
+    with pytest.raises(CheckpointError, match="detr convert"):
+        load_checkpoint(foreign)
+
+
+class Evil:
+    """A class weights_only unpickling must refuse to construct."""
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"kind": "mlflow-detr-checkpoint", "format_version": 1, "obj": Evil()}, path)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_rng_state_survives_a_checkpoint(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    save_checkpoint(tmp_path / "r.pt", {"rng": capture_rng_state()})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    restore_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0])
+    assert np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2]
+
+
+def test_directory_keeps_last_k_and_best(tmp_path):
+    directory = CheckpointDirectory(tmp_path, keep_last=2, metric="coco/AP", mode="max")
+    for step in (1, 2, 3):
+        directory.save({"step": step}, step)
+    assert [p.name for p in directory.step_checkpoints()] == ["step-00000002.pt", "step-00000003.pt"]
+    assert directory.latest() == directory.step_path(3)
+    assert directory.is_better(0.1, None) and directory.is_better(0.2, 0.1)
+    assert not directory.is_better(0.1, 0.2) and not directory.is_better(float("nan"), 0.1)
+    low = CheckpointDirectory(tmp_path, keep_last=1, metric="loss", mode="min")
+    assert low.is_better(0.1, 0.2)
