@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     _add_data_commands(commands)
     _add_config_commands(commands)
+    _add_train_commands(commands)
     _add_ops_commands(commands)
     _add_doctor_command(commands)
     return parser
@@ -218,6 +219,85 @@ def _cmd_config_validate(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# detr train / evaluate
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("config", type=Path, nargs=None if required else "?", help="YAML config")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. -o train.lr=2e-4 (repeatable)")
+    p.add_argument("--overrides", default="", metavar="'K=V K=V'",
+                   help="several overrides in one string (what the MLproject passes)")
+
+
+def _overrides(args) -> list[str]:
+    import shlex
+
+    return [*shlex.split(args.overrides), *args.override]
+
+
+def _add_train_commands(commands) -> None:
+    p = _command(commands, "train", "train a model as a config says, tracked in MLflow",
+                 ["detr train configs/deformable_detr_tiny.yaml",
+                  "detr train configs/detr_tiny.yaml -o train.epochs=5 -o train.lr=2e-4",
+                  "detr train configs/detr_tiny.yaml --resume auto",
+                  "torchrun --nproc-per-node 2 -m detr.cli train configs/detr_tiny.yaml"])
+    _add_config_args(p, required=True)
+    p.add_argument("--resume", metavar="PATH|auto",
+                   help="continue exactly from a checkpoint, or the newest one in train.checkpoint.dir")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=_cmd_train)
+
+    p = _command(commands, "evaluate", "COCO and VOC metrics of a checkpoint on a dataset split",
+                 ["detr evaluate outputs/checkpoints/best.pt",
+                  "detr evaluate best.pt --config configs/data_other.yaml --split val --json metrics.json"])
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--config", type=Path, help="take the data from this config (default: the checkpoint's)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--overrides", default="", metavar="'K=V K=V'")
+    p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_train(args) -> None:
+    from detr.config import load_config
+    from detr.engine.run import train_from_config
+
+    config = load_config(args.config, _overrides(args))
+    outcome = train_from_config(config, resume=args.resume, track=not args.no_track)
+    print(f"trained {outcome.epochs} epochs ({outcome.steps} steps); checkpoints in {outcome.checkpoint_dir}")
+    _print_metrics(outcome.metrics)
+    if outcome.run_id:
+        print(f"MLflow run {outcome.run_id}")
+
+
+def _cmd_evaluate(args) -> None:
+    import json
+
+    from detr.config import load_config
+    from detr.engine.run import evaluate_checkpoint
+
+    overrides = _overrides(args)
+    config = load_config(args.config, overrides) if args.config or overrides else None
+    if config is None and overrides:
+        raise DetrError("overrides need --config")
+    metrics = evaluate_checkpoint(args.checkpoint, config=config, split=args.split, batch_size=args.batch_size)
+    _print_metrics(metrics)
+    if args.json:
+        args.json.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"metrics written to {args.json}")
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    headline = [k for k in metrics if k.count("/") == 1]
+    for key in headline:
+        print(f"  {key:<22} {metrics[key]:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------
 # detr ops ... / detr doctor
 # ---------------------------------------------------------------------------------------------
 
@@ -229,6 +309,18 @@ def _add_ops_commands(commands) -> None:
     p = _command(ops, "info", "which deformable-attention backends are available, and why not",
                  ["detr ops info", "DETR_MSDA_BACKEND=reference detr ops info"])
     p.set_defaults(func=_cmd_ops_info)
+    p = _command(ops, "build", "build the native kernels into the cache now, so that first use is instant",
+                 ["detr ops build", "TORCH_CUDA_ARCH_LIST='8.0;9.0' detr ops build --cuda yes"])
+    p.add_argument("--cuda", choices=("auto", "yes", "no"), default="auto",
+                   help="auto: when a CUDA toolkit and a GPU are present; yes: whenever a toolkit is (no GPU needed)")
+    p.set_defaults(func=_cmd_ops_build)
+
+
+def _cmd_ops_build(args) -> None:
+    from detr.ops.build import build_all
+
+    for line in build_all(cuda=args.cuda):
+        print(line)
 
 
 def _cmd_ops_info(args) -> None:

@@ -140,8 +140,15 @@ class BackboneConfig(Section):
     weights: Path | None = None
     # Number of trainable ResNet stages counted from the top (0..5); DETR trains layer2..layer4.
     trainable_layers: Annotated[int, Field(ge=0, le=5)] = 3
+    # DETR-DC5: layer4 dilated instead of strided (Bottleneck ResNets only: resnet50, resnet101).
     dilation: bool = False
     frozen_batchnorm: bool = True
+
+    @model_validator(mode="after")
+    def _dilation_needs_bottleneck(self) -> BackboneConfig:
+        if self.dilation and self.name in ("resnet18", "resnet34"):
+            raise ValueError(f"dilation needs resnet50 or resnet101 ({self.name} has no dilated BasicBlock)")
+        return self
 
 
 class DeformableConfig(Section):
@@ -149,7 +156,8 @@ class DeformableConfig(Section):
     n_points: Annotated[int, Field(ge=1, le=16)] = 4
     with_box_refine: bool = False
     two_stage: bool = False
-    two_stage_num_proposals: PositiveInt = 300
+    # Encoder proposals that become decoder queries; None: model.num_queries (as the paper).
+    two_stage_num_proposals: PositiveInt | None = None
 
 
 class MatcherConfig(Section):
@@ -182,6 +190,8 @@ class ModelConfig(Section):
     num_queries: PositiveInt = 100
     pre_norm: bool = False
     aux_loss: bool = True
+    # Detections kept per image by the post-processing (Deformable DETR: top-k over queries x classes).
+    max_detections: PositiveInt = 100
     deformable: DeformableConfig = DeformableConfig()
     matcher: MatcherConfig = MatcherConfig()
     loss: LossConfig = LossConfig()
@@ -190,6 +200,12 @@ class ModelConfig(Section):
     def _heads_divide_width(self) -> ModelConfig:
         if self.hidden_dim % self.nheads:
             raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by nheads ({self.nheads})")
+        if self.hidden_dim % 2:
+            raise ValueError(f"hidden_dim ({self.hidden_dim}) must be even (half of it encodes each axis)")
+        if self.arch == "deformable_detr" and self.hidden_dim % 32:
+            raise ValueError(
+                f"deformable_detr needs hidden_dim divisible by 32 (GroupNorm with 32 groups), got {self.hidden_dim}"
+            )
         return self
 
 
