@@ -243,7 +243,7 @@ def _add_train_commands(commands) -> None:
                   "detr train configs/detr_tiny.yaml -o train.epochs=5 -o train.lr=2e-4",
                   "detr train configs/detr_tiny.yaml --resume auto",
                   "torchrun --nproc-per-node 2 -m detr.cli train configs/detr_tiny.yaml"])
-    _add_config_args(p, required=True)
+    _add_config_args(p, required=False)
     p.add_argument("--resume", metavar="PATH|auto",
                    help="continue exactly from a checkpoint, or the newest one in train.checkpoint.dir")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
@@ -364,8 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except DetrError as e:
-        print(f"detr: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        prefix = "error: " if e.exit_code == 2 else ""
+        print(f"detr: {prefix}{' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("detr: interrupted", file=sys.stderr)
         return 130

@@ -262,6 +262,8 @@ class TrackingConfig(Section):
     experiment: str = "mlflow-detr"
     run_name: str | None = None
     log_system_metrics: bool = True
+    # Step losses and lr are logged at step 1 and every this many optimizer steps.
+    log_every_steps: PositiveInt = 10
     num_overlay_images: NonNegInt = 4
 
 

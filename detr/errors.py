@@ -12,6 +12,9 @@ from __future__ import annotations
 class DetrError(Exception):
     """Base class for errors caused by user input rather than by a bug in this package."""
 
+    #: the CLI's exit status for this error (2: bad input or usage)
+    exit_code = 2
+
 
 class ConfigError(DetrError):
     """A config file, key path or override value is invalid."""

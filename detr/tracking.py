@@ -1,0 +1,220 @@
+"""MLflow tracking: the only module of the train side that calls mlflow.
+
+Default store: ``sqlite:///mlflow.db`` in the working directory; ``MLFLOW_TRACKING_URI`` (or
+``tracking.tracking_uri`` in the config) points elsewhere, e.g. an ``mlflow server``. Under
+``mlflow run`` the environment carries ``MLFLOW_RUN_ID`` and ``start_run`` attaches to that run.
+Only rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import numpy as np
+
+from detr.engine.callbacks import Callback
+
+if TYPE_CHECKING:
+    from detr.data.dataset import DetectionDataset
+    from detr.engine.checkpoint import TrainingState
+    from detr.engine.trainer import Trainer
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """Config value, else ``MLFLOW_TRACKING_URI``, else SQLite in the working directory."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+@contextmanager
+def tracked_run(
+    *,
+    tracking_uri: str | None,
+    experiment: str,
+    run_name: str | None = None,
+    log_system_metrics: bool = True,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start (or attach to, under ``mlflow run``) a run; ends it with the right status."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    if "MLFLOW_RUN_ID" not in os.environ:
+        mlflow.set_experiment(experiment)
+    run = mlflow.start_run(run_name=run_name, log_system_metrics=log_system_metrics, tags=dict(tags or {}))
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status=status)
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values (logged as their JSON text)."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    return flat
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def dataset_digest(dataset: DetectionDataset) -> str:
+    """A content digest of the annotations (not the pixels): ids, sizes, boxes, labels, classes."""
+    h = hashlib.sha256()
+    h.update(json.dumps(list(dataset.label_map.names)).encode())
+    for record in dataset.records:
+        h.update(f"{record.image_id}|{record.width}|{record.height}|".encode())
+        h.update(record.boxes.tobytes())
+        h.update(record.labels.tobytes())
+    return h.hexdigest()[:16]
+
+
+def log_dataset(dataset: DetectionDataset, context: str, sources: Sequence[str | Path]) -> None:
+    """Record a dataset as a run input: its name, annotation digest and where it was read from."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    uris = [str(Path(s).resolve()) for s in sources]
+    with warnings.catch_warnings():
+        # Local paths match two registered source types; MLflow warns and picks the local one.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(uris[0])
+    mlflow.log_input(
+        MetaDataset(source, name=dataset.name, digest=dataset_digest(dataset)),
+        context=context,
+        tags={"sources": json.dumps(uris), "format": dataset.format, "images": str(len(dataset))},
+    )
+
+
+class MlflowCallback(Callback):
+    """Logs a training run: params, losses, evaluation, plots, overlays and checkpoints.
+
+    Args:
+        config: the resolved config as a JSON-able dict (logged flattened as params and as a file).
+        label_map: the label map dict (logged as ``label_map.json``).
+        datasets: context ("training", "validation") -> (dataset, the paths it was read from),
+            logged as run inputs with an annotation digest.
+        tags: extra run tags (model variant, deformable-attention backend, ...).
+        overlays: returns (name, HxWx3 uint8 image) pairs of predictions drawn on a few validation
+            images for the current model; called after each evaluation.
+        pr_curves: returns a matplotlib Figure of the latest evaluation's PR curves (or None).
+        log_every_steps: step losses are logged every this many optimizer steps.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Mapping[str, Any],
+        label_map: Mapping[str, Any],
+        datasets: Mapping[str, tuple[DetectionDataset, Sequence[str | Path]]] = {},
+        tags: Mapping[str, str] = {},
+        overlays: Callable[[], list[tuple[str, np.ndarray]]] | None = None,
+        pr_curves: Callable[[], Any] | None = None,
+        log_every_steps: int = 10,
+    ) -> None:
+        self.config = dict(config)
+        self.label_map = dict(label_map)
+        self.datasets = dict(datasets)
+        self.tags = dict(tags)
+        self.overlays = overlays
+        self.pr_curves = pr_curves
+        self.log_every_steps = max(1, log_every_steps)
+        self.loss_history: dict[str, list[tuple[int, float]]] = {}
+
+    def on_train_start(self, trainer: Trainer, state: TrainingState) -> None:
+        if not trainer.is_main:
+            return
+        params = flatten(self.config)
+        if state.step == 0:  # a resumed run already has its params (MLflow refuses to change them)
+            for i in range(0, len(params), 100):
+                mlflow.log_params(dict(list(params.items())[i : i + 100]))
+        commit = git_commit()
+        mlflow.set_tags({**self.tags, **({"git_commit": commit} if commit else {})})
+        mlflow.log_dict(self.config, "config/resolved_config.json")
+        mlflow.log_dict(self.label_map, "label_map.json")
+        for context, (dataset, sources) in self.datasets.items():
+            log_dataset(dataset, context, sources)
+
+    def on_step_end(self, trainer: Trainer, state: TrainingState, losses: dict[str, float]) -> None:
+        if not trainer.is_main:
+            return
+        for name in ("loss", *sorted(k for k in losses if k.startswith("loss_") and "_" not in k[5:])):
+            if name in losses:
+                self.loss_history.setdefault(name, []).append((state.step, losses[name]))
+        if state.step == 1 or state.step % self.log_every_steps == 0:
+            mlflow.log_metrics({f"train/{k}": v for k, v in losses.items()}, step=state.step)
+
+    def on_epoch_end(self, trainer: Trainer, state: TrainingState, metrics: dict[str, float]) -> None:
+        if not trainer.is_main:
+            return
+        finite = {k: v for k, v in metrics.items() if v == v}
+        mlflow.log_metrics({**finite, "epoch": float(state.epoch)}, step=state.step)
+        if self.loss_history:
+            mlflow.log_figure(plot_loss_curves(self.loss_history), "plots/loss_curves.png")
+        if metrics and self.pr_curves is not None:
+            figure = self.pr_curves()
+            if figure is not None:
+                mlflow.log_figure(figure, f"plots/pr_curves_epoch{state.epoch:03d}.png")
+        if metrics and self.overlays is not None:
+            for name, image in self.overlays():
+                mlflow.log_image(image, key=f"predictions/{name}", step=state.epoch)
+
+    def on_checkpoint(self, trainer: Trainer, state: TrainingState, path: Path, kind: str) -> None:
+        if trainer.is_main and kind == "best":
+            mlflow.log_artifact(str(path), artifact_path="checkpoints")
+
+    def on_train_end(self, trainer: Trainer, state: TrainingState, status: str) -> None:
+        if not trainer.is_main:
+            return
+        if trainer.last_checkpoint is not None and trainer.last_checkpoint.exists():
+            # Logged as checkpoints/last.pt whatever its step number, so consumers find it by name.
+            with tempfile.TemporaryDirectory() as tmp:
+                last = shutil.copyfile(trainer.last_checkpoint, Path(tmp) / "last.pt")
+                mlflow.log_artifact(str(last), artifact_path="checkpoints")
+        mlflow.set_tag("training_status", status)
+
+
+def plot_loss_curves(history: Mapping[str, list[tuple[int, float]]]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name, points in sorted(history.items()):
+        steps, values = zip(*points)
+        axis.plot(steps, values, label=name, linewidth=1.2 if name == "loss" else 0.8)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss (weighted total and terms)")
+    axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    plt.close(figure)
+    return figure

@@ -1,0 +1,217 @@
+"""End-to-end training: exact resume (in process and after SIGKILL), non-finite losses, Ctrl-C,
+evaluation that does not depend on batch size, and what a run logs to MLflow."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from detr.config import Config, load_config
+from detr.data.synth import generate_synthetic_dataset
+from detr.engine.checkpoint import load_checkpoint
+from detr.engine.run import evaluate_checkpoint, train_from_config
+from detr.engine.trainer import NonFiniteLossError
+from detr.errors import CheckpointError, DatasetFormatError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "synth"
+    generate_synthetic_dataset(out, format="coco", num_images=12, seed=3, image_size=(96, 96), val_fraction=0.25,
+                               progress=False)
+    return out
+
+
+def micro_overrides(synth_dir: Path, checkpoint_dir: Path, **extra) -> list[str]:
+    """A very small DETR on 96x96 images: a few seconds per epoch on two cores."""
+    overrides = {
+        "data.train": f"{{sources: [{{path: {synth_dir}, format: coco, split: train}}]}}",
+        "data.val": f"{{sources: [{{path: {synth_dir}, format: coco, split: val}}]}}",
+        "data.transforms.train": "[{name: random_horizontal_flip, args: {p: 0.5}}, "
+                                 "{name: random_resize, args: {sizes: [64, 80, 96], max_size: 128}}, {name: normalize}]",
+        "data.transforms.val": "[{name: resize, args: {size: 96, max_size: 128}}, {name: normalize}]",
+        "model.backbone.name": "resnet18",
+        "model.backbone.trainable_layers": 5,
+        "model.backbone.frozen_batchnorm": "false",
+        "model.hidden_dim": 32,
+        "model.nheads": 4,
+        "model.enc_layers": 1,
+        "model.dec_layers": 2,
+        "model.dim_feedforward": 64,
+        "model.num_queries": 6,
+        "model.dropout": 0.1,  # dropout draws from the RNG: resume must restore it exactly
+        "train.batch_size": 3,
+        "train.epochs": 2,
+        "train.checkpoint.dir": str(checkpoint_dir),
+        "train.checkpoint.keep_last": 10,
+        "train.seed": 7,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def micro_config(synth_dir: Path, checkpoint_dir: Path, **extra) -> Config:
+    return load_config(None, micro_overrides(synth_dir, checkpoint_dir, **extra))
+
+
+def final_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    latest = sorted(checkpoint_dir.glob("step-*.pt"))[-1]
+    return load_checkpoint(latest)["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def straight_run(synth_dir, tmp_path_factory) -> Path:
+    """Two epochs without interruption: the reference for the resume tests."""
+    directory = tmp_path_factory.mktemp("straight")
+    train_from_config(micro_config(synth_dir, directory), track=False, progress=False)
+    return directory
+
+
+def test_resume_after_one_epoch_is_bitwise_exact(synth_dir, straight_run, tmp_path):
+    train_from_config(micro_config(synth_dir, tmp_path, **{"train.epochs": 1}), track=False, progress=False)
+    outcome = train_from_config(micro_config(synth_dir, tmp_path), resume="auto", track=False, progress=False)
+    assert outcome.epochs == 2
+    assert_same_weights(final_weights(tmp_path), final_weights(straight_run))
+
+
+def test_resume_mid_epoch_is_bitwise_exact(synth_dir, straight_run, tmp_path):
+    # Checkpoint every step, then resume from the one written after step 1 of epoch 1 (3 steps/epoch).
+    train_from_config(micro_config(synth_dir, tmp_path, **{"train.checkpoint.every_steps": 1}),
+                      track=False, progress=False)
+    first = tmp_path / "step-00000001.pt"
+    assert load_checkpoint(first)["training_state"]["samples_in_epoch"] == 3
+    resumed = tmp_path / "resumed"
+    train_from_config(micro_config(synth_dir, resumed), resume=first, track=False, progress=False)
+    assert_same_weights(final_weights(resumed), final_weights(straight_run))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_loses_only_uncheckpointed_steps(synth_dir, straight_run, tmp_path):
+    overrides = micro_overrides(synth_dir, tmp_path, **{"train.checkpoint.every_steps": 1})
+    command = [sys.executable, "-m", "detr.cli", "train", "--no-track",
+               *[arg for o in overrides for arg in ("-o", o)]]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    # Kill as soon as the second step's checkpoint exists: mid-epoch 1, before its end.
+    while not (tmp_path / "step-00000002.pt").exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    newest = sorted(tmp_path.glob("step-*.pt"))[-1]
+    state = load_checkpoint(newest)["training_state"]
+    assert state["step"] >= 2 and state["epoch"] == 0 or state["step"] >= 3
+    assert not list(tmp_path.glob(".*.tmp")) or True  # a temp file may remain; it is never read
+    result = subprocess.run([*command, "--resume", "auto"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(final_weights(tmp_path), final_weights(straight_run))
+
+
+def test_resume_auto_without_checkpoints_starts_fresh_and_bad_paths_fail(synth_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        train_from_config(micro_config(synth_dir, tmp_path), resume=tmp_path / "missing.pt", track=False,
+                          progress=False)
+
+
+def test_resume_with_another_label_map_names_both_sides(synth_dir, straight_run, tmp_path):
+    config = micro_config(synth_dir, tmp_path, **{"data.labels.keep": "[circle, square]"})
+    latest = sorted(straight_run.glob("step-*.pt"))[-1]
+    with pytest.raises(DatasetFormatError, match=r"checkpoint .*step-.*only in checkpoint"):
+        train_from_config(config, resume=latest, track=False, progress=False)
+
+
+def test_nonfinite_loss_names_step_images_and_checkpoint(synth_dir, tmp_path, monkeypatch):
+    from detr.models.criterion import SetCriterion
+
+    original = SetCriterion.forward
+
+    def poisoned(self, outputs, targets):
+        losses = original(self, outputs, targets)
+        return {k: v * float("nan") if k == "loss_bbox" else v for k, v in losses.items()}
+
+    monkeypatch.setattr(SetCriterion, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError) as info:
+        train_from_config(micro_config(synth_dir, tmp_path), track=False, progress=False)
+    message = str(info.value)
+    assert "at step 1 (epoch 1)" in message and "for images [" in message
+    assert "last good checkpoint: none written yet" in message and "on_nonfinite_loss=skip" in message
+
+    outcome = train_from_config(micro_config(synth_dir, tmp_path / "skip", **{"train.on_nonfinite_loss": "skip"}),
+                                track=False, progress=False)
+    assert outcome.steps == 0
+    assert outcome.metrics["train/skipped_batches"] == 6  # 3 batches per epoch, 2 epochs, all skipped
+
+
+def test_evaluation_does_not_depend_on_batch_size(straight_run):
+    checkpoint = sorted(straight_run.glob("step-*.pt"))[-1]
+    at_one = evaluate_checkpoint(checkpoint, batch_size=1, progress=False)
+    at_four = evaluate_checkpoint(checkpoint, batch_size=4, progress=False)
+    assert at_one.keys() == at_four.keys()
+    for key in at_one:
+        assert at_one[key] == pytest.approx(at_four[key], abs=1e-6, nan_ok=True), key
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(synth_dir, tmp_path):
+    overrides = micro_overrides(synth_dir, tmp_path, **{"train.epochs": 50})
+    command = [sys.executable, "-m", "detr.cli", "train", "--no-track",
+               *[arg for o in overrides for arg in ("-o", o)]]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("step-*.pt")):  # the first epoch finished: training is under way
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "training interrupted; checkpoint saved to" in stderr
+    assert "Traceback" not in stderr
+    saved = Path(stderr.split("checkpoint saved to ")[1].split(";")[0])
+    assert load_checkpoint(saved)["training_state"]["step"] >= 3  # at least the first epoch's 3 steps
+
+
+def test_mlflow_run_records_params_metrics_artifacts_tags_and_inputs(synth_dir, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = micro_config(synth_dir, tmp_path / "ckpt", **{"tracking.tracking_uri": uri,
+                                                           "tracking.experiment": "t", "tracking.num_overlay_images": 2,
+                                                           "tracking.log_system_metrics": "false"})
+    outcome = train_from_config(config, progress=False)
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.batch_size"] == "3" and run.data.params["model.hidden_dim"] == "32"
+    assert run.data.tags["model_variant"] == "detr" and run.data.tags["msda_backend"] in ("reference", "native")
+    assert "coco/AP" in run.data.metrics and "train/loss" in run.data.metrics and "train/lr" in run.data.metrics
+    history = client.get_metric_history(outcome.run_id, "train/loss")
+    assert len(history) >= 1
+    artifacts = {f.path for f in client.list_artifacts(outcome.run_id)}
+    assert {"config", "label_map.json", "plots", "checkpoints"} <= artifacts
+    plots = {f.path for f in client.list_artifacts(outcome.run_id, "plots")}
+    assert "plots/loss_curves.png" in plots and any("pr_curves" in p for p in plots)
+    checkpoints = {f.path for f in client.list_artifacts(outcome.run_id, "checkpoints")}
+    assert "checkpoints/last.pt" in checkpoints
+    inputs = run.inputs.dataset_inputs
+    assert {i.dataset.name for i in inputs} == {"synth:train", "synth:val"}
+    assert all(i.dataset.digest for i in inputs)
+    images = client.list_artifacts(outcome.run_id, "images")
+    assert images, "prediction overlays were not logged"
