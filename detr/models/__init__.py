@@ -1,0 +1,20 @@
+"""DETR and Deformable DETR models, Hungarian matching, set criterion and post-processing.
+
+Modules (one concept each):
+    backbone             ResNet body with frozen BatchNorm, multi-level features and their masks
+    position_encoding    2-D sine and learned position encodings
+    transformer          DETR encoder-decoder (nn.MultiheadAttention, post-norm or pre-norm)
+    ms_deform_attn       the multi-scale deformable attention module (calls ``detr.ops.ms_deform_attn``)
+    deformable_layers    Deformable DETR encoder/decoder layers and stacks (iterative box refinement)
+    deformable_transformer  Deformable DETR transformer: level embeddings, reference points, two-stage
+    heads                MLP box head and ``inverse_sigmoid``
+    detr / deformable_detr  the two detectors (forward returns outputs, never a loss)
+    matcher              Hungarian matcher (scipy ``linear_sum_assignment``)
+    criterion            set criterion (classification, L1, GIoU, auxiliary and encoder losses)
+    postprocess          model outputs -> detections in pixels; ``predict``
+    inputs               input checks; padding a list of images into one batch plus its padding mask
+    build                config section -> modules (the only place here that reads a config)
+
+Targets, wherever a loss or matcher takes them, are a list with one dict per image:
+``"labels"`` int64 [N] contiguous class ids and ``"boxes"`` float [N, 4] normalized cxcywh.
+"""

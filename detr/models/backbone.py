@@ -1,0 +1,176 @@
+"""ResNet backbone: torchvision ResNet body, frozen BatchNorm, multi-level features with their masks.
+
+Weights are never downloaded: the ResNet is built with ``weights=None`` and, when a path is given,
+a local torchvision ResNet state dict is loaded from it. Module names follow the official DETR code
+(``backbone.0.body.layer1...``, ``backbone.1`` = position encoding) so converted checkpoints map
+key for key.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d
+
+from detr.errors import CheckpointError
+
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
+# Output channels of layer2, layer3, layer4.
+_STAGE_CHANNELS = {
+    "resnet18": (128, 256, 512),
+    "resnet34": (128, 256, 512),
+    "resnet50": (512, 1024, 2048),
+    "resnet101": (512, 1024, 2048),
+}
+_OUTPUT_STAGES = ("layer2", "layer3", "layer4")  # strides 8, 16, 32
+# Trainable stages counted from the top; "conv1" includes its BatchNorm "bn1".
+_STAGES_TOP_DOWN = (("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1"))
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet returning the last ``num_levels`` of (layer2, layer3, layer4).
+
+    Args:
+        name: resnet18 | resnet34 | resnet50 | resnet101.
+        num_levels: 1 (layer4 only, DETR) to 3 (layer2..4, Deformable DETR multi-scale).
+        trainable_layers: stages that train, counted from the top (0: none, 3: layer2..4 as DETR,
+            5: all including conv1). The others get ``requires_grad=False``.
+        dilation: replace layer4's stride by a dilation (DETR-DC5); Bottleneck ResNets only.
+        frozen_batchnorm: use ``FrozenBatchNorm2d`` (statistics and affine fixed, as the papers);
+            with plain BatchNorm, the BatchNorms of frozen stages still stay in eval mode.
+        weights: a local torchvision ResNet state dict (``fc.*`` keys are ignored), or None.
+
+    Attributes:
+        strides: stride of each returned level, e.g. [8, 16, 32].
+        num_channels: channels of each returned level, e.g. [512, 1024, 2048].
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet50",
+        *,
+        num_levels: int = 1,
+        trainable_layers: int = 3,
+        dilation: bool = False,
+        frozen_batchnorm: bool = True,
+        weights: Path | None = None,
+    ) -> None:
+        super().__init__()
+        if name not in RESNET_NAMES:
+            raise ValueError(f"unknown backbone {name!r}; accepted: {', '.join(RESNET_NAMES)}")
+        if not 1 <= num_levels <= len(_OUTPUT_STAGES):
+            raise ValueError(f"num_levels must be 1..{len(_OUTPUT_STAGES)}, got {num_levels}")
+        if not 0 <= trainable_layers <= len(_STAGES_TOP_DOWN):
+            raise ValueError(f"trainable_layers must be 0..{len(_STAGES_TOP_DOWN)}, got {trainable_layers}")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"dilation needs a Bottleneck ResNet (resnet50, resnet101), got {name}")
+        norm_layer = FrozenBatchNorm2d if frozen_batchnorm else nn.BatchNorm2d
+        resnet = getattr(torchvision.models, name)(
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer
+        )
+        if weights is not None:
+            load_resnet_state_dict(resnet, Path(weights))
+        self.trainable_prefixes = tuple(p for stage in _STAGES_TOP_DOWN[:trainable_layers] for p in stage)
+        for param_name, param in resnet.named_parameters():
+            if not param_name.startswith(self.trainable_prefixes):
+                param.requires_grad_(False)
+        stages = _OUTPUT_STAGES[len(_OUTPUT_STAGES) - num_levels :]
+        self.body = IntermediateLayerGetter(resnet, return_layers={stage: str(i) for i, stage in enumerate(stages)})
+        all_strides = (8, 16, 16 if dilation else 32)
+        all_channels = _STAGE_CHANNELS[name]
+        self.strides = [all_strides[_OUTPUT_STAGES.index(s)] for s in stages]
+        self.num_channels = [all_channels[_OUTPUT_STAGES.index(s)] for s in stages]
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        # A frozen stage keeps its running statistics even when BatchNorm is not the frozen kind.
+        for module_name, module in self.body.named_modules():
+            if isinstance(module, nn.BatchNorm2d) and not module_name.startswith(self.trainable_prefixes):
+                module.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """images [B, 3, H, W], mask [B, H, W] (True = padding) -> per level (feature [B, C_l, H_l, W_l],
+        mask [B, H_l, W_l]); the mask is downsampled by nearest-neighbour interpolation."""
+        out = []
+        for feature in self.body(images).values():
+            level_mask = F.interpolate(mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
+            out.append((feature, level_mask))
+        return out
+
+
+class Joiner(nn.Sequential):
+    """Backbone (index 0) plus position encoding (index 1), as the official ``Joiner``."""
+
+    def __init__(self, backbone: Backbone, position_embedding: nn.Module) -> None:
+        super().__init__(backbone, position_embedding)
+        self.strides = backbone.strides
+        self.num_channels = backbone.num_channels
+
+    def forward(
+        self, images: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """-> features [B, C_l, H_l, W_l], masks [B, H_l, W_l], position encodings [B, D, H_l, W_l]."""
+        features, masks, pos = [], [], []
+        for feature, level_mask in self[0](images, mask):
+            features.append(feature)
+            masks.append(level_mask)
+            pos.append(self[1](feature, level_mask).to(feature.dtype))
+        return features, masks, pos
+
+
+def load_resnet_state_dict(resnet: nn.Module, path: Path) -> None:
+    """Load a local torchvision ResNet state dict into ``resnet``; any mismatch is a CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"backbone weights file {path} not found (model.backbone.weights)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"backbone weights file {path}: cannot read it as a state dict ({e})") from None
+    if isinstance(state, Mapping) and not _all_tensors(state):
+        inner = state.get("state_dict", state.get("model"))
+        if isinstance(inner, Mapping):
+            state = inner
+    if not isinstance(state, Mapping) or not _all_tensors(state):
+        raise CheckpointError(
+            f"backbone weights file {path}: expected a torchvision ResNet state dict (name -> tensor), "
+            f"got {type(state).__name__}"
+        )
+    # The classifier (fc) is not part of the backbone and keeps its random initialisation.
+    expected = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    # FrozenBatchNorm2d has no num_batches_tracked.
+    given = {
+        k: v
+        for k, v in state.items()
+        if not k.startswith("fc.") and not (k.endswith("num_batches_tracked") and k not in expected)
+    }
+    for key in expected:  # a counter only, absent from older torchvision checkpoints
+        if key.endswith("num_batches_tracked") and key not in given:
+            given[key] = expected[key]
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"backbone weights file {path} does not fit a torchvision {type(resnet).__name__}: "
+            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]} "
+            f"(is it the state dict of the configured model.backbone.name?)"
+        )
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in given.items() if v.shape != expected[k].shape]
+    if wrong:
+        key, got, want = wrong[0]
+        raise CheckpointError(
+            f"backbone weights file {path}: {len(wrong)} tensors have the wrong shape, e.g. {key} is {got}, "
+            f"the model needs {want} (is it the state dict of the configured model.backbone.name?)"
+        )
+    resnet.load_state_dict(given, strict=False)  # all keys but fc.* checked above
+
+
+def _all_tensors(state: Mapping) -> bool:
+    return len(state) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())

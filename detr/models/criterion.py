@@ -1,0 +1,172 @@
+"""The set criterion: Hungarian-match predictions to targets, then classification and box losses.
+
+Losses per set of predictions (final layer, each auxiliary decoder layer ``_0`` ... ``_{L-2}``, and
+the two-stage encoder proposals ``_enc``):
+    loss_ce     classification. DETR: cross-entropy over K + 1 classes, the "no object" class
+                weighted by ``eos_coef``. Deformable DETR: sigmoid focal loss summed over queries and
+                classes and divided by the number of target boxes (the normalization of the
+                official code; torchvision's ``sigmoid_focal_loss`` with reduction="sum").
+    loss_bbox   L1 of matched normalized cxcywh boxes / number of boxes.
+    loss_giou   1 - GIoU of matched boxes / number of boxes.
+Logged only (no gradient, final layer only): class_error (% of matched predictions with the wrong
+top class) and cardinality_error (|predicted objects - target objects| per image).
+The two-stage encoder loss uses class-agnostic targets (every label 0: "an object"), as the paper.
+The number of boxes is averaged over processes when torch.distributed is initialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+
+from detr.models.matcher import HungarianMatcher
+
+
+def loss_weights(
+    class_loss_coef: float, bbox_loss_coef: float, giou_loss_coef: float, *, num_aux_layers: int, two_stage: bool
+) -> dict[str, float]:
+    """DETR's weight_dict: the weight of every loss term the criterion returns for a model with
+    ``num_aux_layers`` auxiliary decoder outputs (and encoder proposals when ``two_stage``)."""
+    base = {"loss_ce": class_loss_coef, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
+    suffixes = [""] + [f"_{i}" for i in range(num_aux_layers)] + (["_enc"] if two_stage else [])
+    return {name + suffix: weight for suffix in suffixes for name, weight in base.items()}
+
+
+class SetCriterion(nn.Module):
+    """Args:
+        num_classes: K real classes.
+        matcher: the ``HungarianMatcher`` (its class cost should match ``class_loss``).
+        weight_dict: the weight of every loss term (``loss_weights``); the terms of ``weighted_total``.
+        class_loss: "ce" (DETR, logits [B, Q, K + 1]) or "focal" (Deformable DETR, logits [B, Q, K]).
+        eos_coef: weight of the no-object class in the cross-entropy.
+        focal_alpha, focal_gamma: focal loss parameters.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        weight_dict: Mapping[str, float],
+        *,
+        class_loss: Literal["ce", "focal"] = "ce",
+        eos_coef: float = 0.1,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if class_loss not in ("ce", "focal"):
+            raise ValueError(f"unknown class loss {class_loss!r}; accepted: ce, focal")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.class_loss = class_loss
+        self.weight_dict = dict(weight_dict)
+        self.eos_coef = eos_coef
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: the model's dict (pred_logits, pred_boxes, optional aux_outputs, enc_outputs).
+            targets: one dict per image: "labels" int64 [N], "boxes" [N, 4] normalized cxcywh.
+
+        Returns:
+            Named scalar losses (see the module docstring), "class_error", "cardinality_error", and
+            "weighted_total": the sum of every loss times its ``weight_dict`` weight (what the
+            optimizer minimizes).
+        """
+        device = outputs["pred_logits"].device
+        num_boxes = average_num_boxes(targets, device)
+        losses: dict[str, torch.Tensor] = {}
+        indices = self.matcher(outputs, targets)
+        losses.update(self._set_losses(outputs, targets, indices, num_boxes, suffix=""))
+        losses.update(self._logged_errors(outputs, targets, indices))
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            losses.update(self._set_losses(aux, targets, self.matcher(aux, targets), num_boxes, suffix=f"_{i}"))
+        if "enc_outputs" in outputs:
+            enc = outputs["enc_outputs"]
+            bin_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            losses.update(self._set_losses(enc, bin_targets, self.matcher(enc, bin_targets), num_boxes, suffix="_enc"))
+        unweighted = sorted(k for k in losses if k.startswith("loss_") and k not in self.weight_dict)
+        if unweighted:
+            raise ValueError(f"loss terms {unweighted} have no weight: the criterion was built for another model "
+                             f"(weights for {sorted(self.weight_dict)})")
+        losses["weighted_total"] = sum(losses[k] * self.weight_dict[k] for k in losses if k in self.weight_dict)
+        return losses
+
+    def _set_losses(self, outputs: dict, targets: list[dict], indices, num_boxes: torch.Tensor, suffix: str) -> dict:
+        return {
+            "loss_ce" + suffix: self.loss_labels(outputs, targets, indices, num_boxes),
+            **{k + suffix: v for k, v in self.loss_boxes(outputs, targets, indices, num_boxes).items()},
+        }
+
+    def loss_labels(self, outputs: dict, targets: list[dict], indices, num_boxes: torch.Tensor) -> torch.Tensor:
+        # float32 even under autocast: the focal terms of 0.01-probability negatives underflow in half.
+        logits = outputs["pred_logits"].float()  # [B, Q, K+1] (ce) or [B, Q, K] (focal)
+        batch_idx, src_idx = _prediction_index(indices, logits.device)
+        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        # Every prediction is "no object" (index K) unless matched.
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[batch_idx, src_idx] = matched_labels
+        if self.class_loss == "ce":
+            return F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.float())
+        # One-hot over K + 1 then drop the no-object column: unmatched rows are all zeros.
+        onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()
+        loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
+        return loss / num_boxes
+
+    def loss_boxes(self, outputs: dict, targets: list[dict], indices, num_boxes: torch.Tensor) -> dict:
+        pred_boxes = outputs["pred_boxes"].float()
+        batch_idx, src_idx = _prediction_index(indices, pred_boxes.device)
+        src = pred_boxes[batch_idx, src_idx]  # [M, 4] cxcywh
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src)  # [M, 4]
+        loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+        loss_giou = generalized_box_iou_loss(
+            box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"), reduction="sum"
+        ) / num_boxes
+        return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    @torch.no_grad()
+    def _logged_errors(self, outputs: dict, targets: list[dict], indices) -> dict:
+        logits = outputs["pred_logits"]
+        batch_idx, src_idx = _prediction_index(indices, logits.device)
+        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        if len(matched_labels):
+            accuracy = (logits[batch_idx, src_idx].argmax(-1) == matched_labels).float().mean() * 100
+            class_error = 100 - accuracy
+        else:
+            class_error = logits.new_zeros(())
+        # An object is predicted where "no object" does not win (softmax) or some class has p > 0.5.
+        if self.class_loss == "ce":
+            predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
+        else:
+            predicted = (logits.sigmoid().max(-1).values > 0.5).sum(1)
+        sizes = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
+        cardinality_error = F.l1_loss(predicted.float(), sizes.float())
+        return {"class_error": class_error.detach(), "cardinality_error": cardinality_error}
+
+
+def average_num_boxes(targets: list[dict], device: torch.device) -> torch.Tensor:
+    """Target boxes per process, averaged over processes (all_reduce) and at least 1: the common
+    normalizer that makes the loss independent of how the batch is split across processes."""
+    num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(num_boxes)
+        num_boxes = num_boxes / dist.get_world_size()
+    return num_boxes.clamp(min=1)[0]
+
+
+def _prediction_index(indices, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch index, query index) of every matched prediction, concatenated over the batch."""
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
+    src_idx = torch.cat([src for src, _ in indices]).to(device)
+    return batch_idx, src_idx

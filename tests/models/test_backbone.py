@@ -1,0 +1,170 @@
+"""ResNet backbone: levels, strides, masks, frozen BatchNorm, trainable stages, local weights, no download."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from detr.config import ModelConfig, load_config
+from detr.errors import CheckpointError, ConfigError
+from detr.models.backbone import Backbone
+from detr.models.build import build_model
+
+
+@pytest.mark.parametrize(
+    ("name", "levels", "dilation", "strides", "channels"),
+    [
+        ("resnet18", 1, False, [32], [512]),
+        ("resnet34", 3, False, [8, 16, 32], [128, 256, 512]),
+        ("resnet50", 3, False, [8, 16, 32], [512, 1024, 2048]),
+        ("resnet101", 2, False, [16, 32], [1024, 2048]),
+        ("resnet50", 1, True, [16], [2048]),
+    ],
+)
+def test_levels_strides_and_channels(name, levels, dilation, strides, channels):
+    with torch.device("meta"):
+        backbone = Backbone(name, num_levels=levels, dilation=dilation)
+    assert backbone.strides == strides and backbone.num_channels == channels
+
+
+def test_features_and_masks_per_level():
+    backbone = Backbone("resnet18", num_levels=3, trainable_layers=0).eval()
+    images = torch.randn(2, 3, 64, 128)
+    mask = torch.zeros(2, 64, 128, dtype=torch.bool)
+    mask[1, :, 64:] = True  # image 1 is 64x64, padded on the right
+    mask[1, 32:, :] = True  # and 32 rows at the bottom
+    out = backbone(images, mask)
+    for (feature, level_mask), stride, c in zip(out, [8, 16, 32], [128, 256, 512]):
+        assert feature.shape == (2, c, 64 // stride, 128 // stride)
+        assert level_mask.shape == (2, 64 // stride, 128 // stride) and level_mask.dtype == torch.bool
+        assert not level_mask[0].any()
+        expected = torch.ones_like(level_mask[1])
+        expected[: 32 // stride, : 64 // stride] = False
+        assert torch.equal(level_mask[1], expected)
+
+
+def _stages_with_trainable_params(backbone: Backbone) -> set[str]:
+    return {name.split(".")[0] for name, p in backbone.body.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    ("trainable", "stages"),
+    [
+        (0, set()),
+        (1, {"layer4"}),
+        (3, {"layer2", "layer3", "layer4"}),
+        (5, {"conv1", "layer1", "layer2", "layer3", "layer4"}),
+    ],
+)
+def test_trainable_layers_freeze_the_lower_stages(trainable, stages):
+    with torch.device("meta"):
+        backbone = Backbone("resnet50", num_levels=1, trainable_layers=trainable)
+    assert _stages_with_trainable_params(backbone) == stages
+
+
+def test_frozen_batchnorm_is_used_and_never_changes():
+    backbone = Backbone("resnet18", num_levels=1, trainable_layers=5, frozen_batchnorm=True)
+    norms = [m for m in backbone.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))]
+    assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)
+    # Frozen BN has buffers only: every trainable parameter is a convolution weight.
+    assert all(n.endswith("weight") and p.dim() == 4 for n, p in backbone.named_parameters())
+    before = {k: v.clone() for k, v in backbone.state_dict().items() if "bn" in k or "downsample.1" in k}
+    backbone.train()
+    opt = torch.optim.SGD([p for p in backbone.parameters() if p.requires_grad], lr=0.1)
+    feature, _ = backbone(torch.randn(2, 3, 64, 64) * 5 + 3, torch.zeros(2, 64, 64, dtype=torch.bool))[0]
+    feature.square().mean().backward()
+    opt.step()
+    after = backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_plain_batchnorm_of_frozen_stages_stays_in_eval_mode():
+    backbone = Backbone("resnet18", num_levels=1, trainable_layers=2, frozen_batchnorm=False)
+    backbone.train()
+    for name, module in backbone.body.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert module.training == name.startswith(("layer3", "layer4")), name
+    frozen_stats = backbone.body.layer1[0].bn1.running_mean.clone()
+    backbone(torch.randn(2, 3, 64, 64) + 1, torch.zeros(2, 64, 64, dtype=torch.bool))
+    assert torch.equal(backbone.body.layer1[0].bn1.running_mean, frozen_stats)
+    assert not backbone.body.layer4[0].bn1.running_mean.eq(0).all()  # a training stage updates its stats
+
+
+def test_local_weights_are_loaded(tmp_path):
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)  # with fc.* and num_batches_tracked, as torchvision's files
+    backbone = Backbone("resnet18", num_levels=3, weights=path)
+    state = backbone.body.state_dict()
+    for key, value in reference.state_dict().items():
+        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(state[key], value), key
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": reference.state_dict(), "epoch": torch.tensor(3)}, wrapped)
+    assert torch.equal(Backbone("resnet18", weights=wrapped).body.conv1.weight, reference.conv1.weight)
+
+
+def test_weights_through_the_config(tmp_path):
+    path = tmp_path / "r18.pth"
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), path)
+    config = ModelConfig.model_validate({"backbone": {"name": "resnet18", "weights": str(path)}, "hidden_dim": 64,
+                                         "nheads": 4, "enc_layers": 1, "dec_layers": 1})
+    model = build_model(config, 3)
+    assert torch.equal(model.backbone[0].body.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+
+
+def test_missing_weights_file_names_it(tmp_path):
+    missing = tmp_path / "nope" / "resnet50.pth"
+    with pytest.raises(CheckpointError, match=r"nope/resnet50\.pth.*not found"):
+        Backbone("resnet50", weights=missing)
+
+
+def test_weights_of_another_architecture_are_rejected(tmp_path):
+    path = tmp_path / "r34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"r34\.pth does not fit.*missing keys|r34\.pth.*wrong shape"):
+        Backbone("resnet18", weights=path)
+    path50 = tmp_path / "r50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path50)
+    with pytest.raises(CheckpointError, match=r"r50\.pth"):
+        Backbone("resnet18", weights=path50)
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", b""])
+def test_unreadable_weights_file_is_a_checkpoint_error(tmp_path, content):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"bad\.pth: cannot read"):
+        Backbone("resnet18", weights=path)
+
+
+def test_non_state_dict_is_rejected(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(CheckpointError, match="expected a torchvision ResNet state dict"):
+        Backbone("resnet18", weights=path)
+
+
+def test_dilation_with_basic_blocks_is_a_config_error():
+    with pytest.raises(ConfigError, match="dilation needs resnet50 or resnet101"):
+        load_config(None, ["model.backbone.name=resnet34", "model.backbone.dilation=true"])
+
+
+def test_nothing_is_downloaded(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"download attempted: {args}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", forbidden)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", forbidden)
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", forbidden)
+    for name in ("resnet18", "resnet34", "resnet50", "resnet101"):
+        for arch in ("detr", "deformable_detr"):
+            config = load_config(None, [f"model.backbone.name={name}", f"model.arch={arch}"])
+            with torch.device("meta"):
+                build_model(config, 2)
