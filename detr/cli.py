@@ -8,6 +8,7 @@ Heavy modules (torch, mlflow, ray) are imported inside the command functions so 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -289,6 +290,11 @@ def _cmd_evaluate(args) -> None:
     if args.json:
         args.json.write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"metrics written to {args.json}")
+    if os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run -e evaluate`: the metrics belong to that run
+        from detr.tracking import log_evaluation_to_project_run
+
+        run_id = log_evaluation_to_project_run(metrics, checkpoint=args.checkpoint, split=args.split)
+        print(f"metrics logged to MLflow run {run_id}")
 
 
 def _print_metrics(metrics: dict[str, float]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -62,6 +63,32 @@ def tracked_run(
         raise
     finally:
         mlflow.end_run(status=status)
+
+
+def log_evaluation_to_project_run(metrics: Mapping[str, float], *, checkpoint: str | Path, split: str) -> str | None:
+    """Log ``detr evaluate``'s metrics to the run ``mlflow run -e evaluate`` started.
+
+    Only when ``MLFLOW_RUN_ID`` is set (``mlflow run`` exports it); returns that run's id, else None
+    and nothing is logged. NaN metrics (e.g. an AP over a size range without objects) are left out,
+    as in training.
+    """
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return None
+    with tracked_run(tracking_uri=None, experiment="mlflow-detr", log_system_metrics=False) as run:
+        mlflow.log_metrics(clean_metrics(metrics))
+        mlflow.set_tags({"evaluated_checkpoint": str(Path(checkpoint).resolve()), "evaluated_split": split})
+    return run.info.run_id
+
+
+def metric_key(name: str) -> str:
+    """MLflow accepts letters, digits, ``_ - . : /`` and spaces in metric names; class names in
+    per-class metrics may hold anything else, which becomes ``_``."""
+    return re.sub(r"[^\w\-.:/ ]", "_", name)
+
+
+def clean_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Metrics with MLflow-safe names; NaN (undefined, e.g. no objects of a size range) is left out."""
+    return {metric_key(k): float(v) for k, v in metrics.items() if v == v}
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -168,13 +195,12 @@ class MlflowCallback(Callback):
             if name in losses:
                 self.loss_history.setdefault(name, []).append((state.step, losses[name]))
         if state.step == 1 or state.step % self.log_every_steps == 0:
-            mlflow.log_metrics({f"train/{k}": v for k, v in losses.items()}, step=state.step)
+            mlflow.log_metrics(clean_metrics({f"train/{k}": v for k, v in losses.items()}), step=state.step)
 
     def on_epoch_end(self, trainer: Trainer, state: TrainingState, metrics: dict[str, float]) -> None:
         if not trainer.is_main:
             return
-        finite = {k: v for k, v in metrics.items() if v == v}
-        mlflow.log_metrics({**finite, "epoch": float(state.epoch)}, step=state.step)
+        mlflow.log_metrics({**clean_metrics(metrics), "epoch": float(state.epoch)}, step=state.step)
         if self.loss_history:
             mlflow.log_figure(plot_loss_curves(self.loss_history), "plots/loss_curves.png")
         if metrics and self.pr_curves is not None:

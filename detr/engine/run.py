@@ -146,13 +146,15 @@ def _build_trainer(
                                   sampler=val_sampler, seed=train_cfg.seed)
         evaluator = Evaluator(val_set)
 
+    # Parameter groups are chosen by name ("backbone.", ...): build them from the bare model, since
+    # the DDP wrapper prefixes every name with "module.". DDP shares the same parameter objects.
+    optimizer = build_optimizer(model, lr=train_cfg.lr, lr_backbone=train_cfg.lr_backbone,
+                                lr_linear_proj_mult=train_cfg.lr_linear_proj_mult,
+                                weight_decay=train_cfg.weight_decay)
     if dist_ctx.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
         )
-    optimizer = build_optimizer(model, lr=train_cfg.lr, lr_backbone=train_cfg.lr_backbone,
-                                lr_linear_proj_mult=train_cfg.lr_linear_proj_mult,
-                                weight_decay=train_cfg.weight_decay)
     steps_per_epoch = max(1, len(sampler) // train_cfg.batch_size // train_cfg.grad_accum_steps)
     schedule = train_cfg.schedule
     scheduler = build_scheduler(optimizer, kind=schedule.kind, steps_per_epoch=steps_per_epoch,

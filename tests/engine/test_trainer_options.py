@@ -1,0 +1,182 @@
+"""Trainer options: gradient accumulation, bf16 autocast, fp16 on CPU, EMA weights."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from detr.config import load_config
+from detr.data.synth import generate_synthetic_dataset
+from detr.engine import trainer as trainer_module
+from detr.engine.callbacks import Callback
+from detr.engine.checkpoint import load_checkpoint
+from detr.engine.run import evaluate_checkpoint, train_from_config
+from detr.errors import DetrError
+from detr.models.load import load_model
+
+NUM_TRAIN, NUM_VAL = 8, 2
+
+
+@pytest.fixture(scope="module")
+def one_box_dir(tmp_path_factory) -> Path:
+    """The generated shapes dataset reduced to the first box of each image (see the accumulation test)."""
+    out = tmp_path_factory.mktemp("data") / "synth"
+    generate_synthetic_dataset(out, format="coco", num_images=NUM_TRAIN + NUM_VAL, seed=3, image_size=(96, 96),
+                               val_fraction=NUM_VAL / (NUM_TRAIN + NUM_VAL), progress=False)
+    for split in ("train", "val"):
+        path = out / "annotations" / f"{split}.json"
+        coco = json.loads(path.read_text())
+        first: dict[int, dict] = {}
+        for annotation in sorted(coco["annotations"], key=lambda a: a["id"]):
+            first.setdefault(annotation["image_id"], annotation)
+        assert first.keys() == {image["id"] for image in coco["images"]}  # every image keeps one box
+        coco["annotations"] = list(first.values())
+        path.write_text(json.dumps(coco))
+    return out
+
+
+def micro_config(data_dir: Path, checkpoint_dir: Path, **extra):
+    """A micro DETR without batch-dependent layers: frozen BatchNorm, no dropout, one image size."""
+    fixed_size = "{name: resize, args: {size: 64, max_size: 80}}"
+    overrides = {
+        "data.train": f"{{sources: [{{path: {data_dir}, format: coco, split: train}}]}}",
+        "data.val": f"{{sources: [{{path: {data_dir}, format: coco, split: val}}]}}",
+        "data.transforms.train": f"[{{name: random_horizontal_flip, args: {{p: 0.5}}}}, {fixed_size}, "
+                                 "{name: normalize}]",
+        "data.transforms.val": f"[{fixed_size}, {{name: normalize}}]",
+        "model.backbone.name": "resnet18",
+        "model.backbone.trainable_layers": 0,  # a frozen backbone: small optimizer state and checkpoints
+        "model.backbone.frozen_batchnorm": "true",
+        "model.hidden_dim": 32,
+        "model.nheads": 4,
+        "model.enc_layers": 1,
+        "model.dec_layers": 2,
+        "model.dim_feedforward": 64,
+        "model.num_queries": 6,
+        "model.dropout": 0.0,
+        "train.batch_size": 4,
+        "train.epochs": 1,
+        "train.seed": 5,
+        "train.device": "cpu",
+        "train.checkpoint.dir": str(checkpoint_dir),
+        "train.checkpoint.keep_last": 10,
+        **extra,
+    }
+    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def weights_at(checkpoint_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_checkpoint(checkpoint_dir / f"step-{step:08d}.pt")["model"]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+
+
+class StepRecorder(Callback):
+    """Keeps each step's losses and copies of chosen parameters after the step."""
+
+    def __init__(self, names: tuple[str, ...] = ()) -> None:
+        self.names = names
+        self.losses: list[dict[str, float]] = []
+        self.params: list[dict[str, torch.Tensor]] = []
+
+    def on_step_end(self, trainer, state, losses) -> None:
+        self.losses.append(dict(losses))
+        named = dict(trainer.model.named_parameters())
+        self.params.append({name: named[name].detach().clone() for name in self.names})
+
+
+def test_two_accumulated_micro_batches_update_like_one_batch_of_both(one_box_dir, tmp_path):
+    """accum 2 x batch 2 == batch 4, to float rounding.
+
+    Each micro-batch's loss is its own mean (cross-entropy over its B x Q predictions, box losses
+    over its box count) and the trainer averages the micro-batch losses. That equals the loss of
+    the whole batch when the micro-batches hold equally many boxes, which is why every image here
+    has exactly one. With unequal counts a box of a sparse micro-batch weighs more than one of a
+    dense micro-batch, so the two differ beyond rounding: accumulation is exact only for equal counts.
+    """
+    whole, accumulated = tmp_path / "whole", tmp_path / "accumulated"
+    train_from_config(micro_config(one_box_dir, whole, **{"train.checkpoint.every_steps": 1}),
+                      track=False, progress=False)
+    outcome = train_from_config(
+        micro_config(one_box_dir, accumulated, **{"train.batch_size": 2, "train.grad_accum_steps": 2}),
+        track=False, progress=False)
+    assert outcome.steps == NUM_TRAIN // 4  # one optimizer step per 2 micro-batches
+    gap = max_difference(weights_at(accumulated, 2), weights_at(whole, 2))
+    one_step = max_difference(weights_at(whole, 2), weights_at(whole, 1))
+    # Stepping per micro-batch or keeping only the last micro-batch's gradient moves weights by ~lr.
+    assert gap < 1e-5 and gap < one_step / 100, (gap, one_step)
+
+
+def test_bf16_autocast_on_cpu_trains_with_finite_losses(one_box_dir, tmp_path):
+    recorder = StepRecorder()
+    output_dtypes: list[torch.dtype] = []
+
+    class WatchOutputs(Callback):
+        def on_train_start(self, trainer, state) -> None:
+            trainer.model.class_embed.register_forward_hook(lambda m, i, out: output_dtypes.append(out.dtype))
+
+    outcome = train_from_config(micro_config(one_box_dir, tmp_path, **{"train.amp": "bf16"}),
+                                callbacks=[recorder, WatchOutputs()], track=False, progress=False)
+    assert outcome.steps == 2 and len(recorder.losses) == 2
+    assert all(math.isfinite(value) for losses in recorder.losses for value in losses.values()), recorder.losses
+    assert output_dtypes and set(output_dtypes) == {torch.bfloat16}  # autocast was on, train and eval
+    stored = load_checkpoint(outcome.last_checkpoint)["model"]
+    assert all(v.dtype == torch.float32 for v in stored.values() if v.is_floating_point())  # fp32 master weights
+
+
+def test_fp16_on_cpu_is_refused_with_the_alternatives(one_box_dir, tmp_path):
+    with pytest.raises(DetrError, match=r"train\.amp=fp16 needs a CUDA device; on CPU use train\.amp=bf16 or none"):
+        train_from_config(micro_config(one_box_dir, tmp_path, **{"train.amp": "fp16"}), track=False, progress=False)
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_ema_weights_are_checkpointed_evaluated_and_loaded(one_box_dir, tmp_path, monkeypatch):
+    decay = 0.5  # far from 1 so the average is visibly not the last weights after 2 steps
+    watched = ("class_embed.weight", "transformer.decoder.layers.0.linear1.weight")
+    recorder = StepRecorder(watched)
+    evaluated: list[dict[str, torch.Tensor]] = []
+    original = trainer_module.evaluate_model
+
+    def recording_evaluate(model, *args, **kwargs):
+        evaluated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate_model", recording_evaluate)
+    outcome = train_from_config(micro_config(one_box_dir, tmp_path, **{"train.ema.enabled": "true",
+                                                                       "train.ema.decay": decay}),
+                                callbacks=[recorder], track=False, progress=False)
+    data = load_checkpoint(outcome.last_checkpoint)
+    assert data["ema"] is not None
+    ema = {k.removeprefix("module."): v for k, v in data["ema"].items() if k.startswith("module.")}
+    assert ema.keys() == data["model"].keys()
+
+    # The average by hand: the first update copies the weights, then e = decay * e + (1 - decay) * w.
+    for name in watched:
+        expected = recorder.params[0][name]
+        for step in recorder.params[1:]:
+            expected = decay * expected + (1 - decay) * step[name]
+        torch.testing.assert_close(ema[name], expected, rtol=1e-6, atol=1e-7)
+        assert torch.equal(data["model"][name], recorder.params[-1][name])
+        assert not torch.allclose(ema[name], data["model"][name])
+
+    # The end-of-epoch evaluation ran on the EMA weights, not the trained ones.
+    assert len(evaluated) == 1
+    assert all(torch.equal(evaluated[0][k], ema[k]) for k in ema)
+
+    # load_model picks the EMA weights unless told otherwise.
+    with_ema, _, _ = load_model(outcome.last_checkpoint)
+    without, _, _ = load_model(outcome.last_checkpoint, use_ema=False)
+    assert all(torch.equal(with_ema.state_dict()[k], ema[k]) for k in ema)
+    assert all(torch.equal(without.state_dict()[k], data["model"][k]) for k in ema)
+
+    # So evaluating the checkpoint reproduces what training reported.
+    reported = evaluate_checkpoint(outcome.last_checkpoint, device="cpu", progress=False)
+    for key, value in outcome.metrics.items():
+        assert reported[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
