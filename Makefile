@@ -21,6 +21,7 @@ setup:
 		$(BIN)/pip install --quiet --upgrade pip; \
 		$(BIN)/pip install --quiet $(TORCH_PINS); \
 		$(BIN)/pip install --quiet -e '.[test]'; \
+		$(BIN)/detr ops build || echo "setup: native kernels not built, the reference backend will be used (detr ops info says why)"; \
 		echo "$$want" > $(STAMP); \
 		echo "setup: $(VENV) ready"; \
 	fi

@@ -188,13 +188,14 @@ class DeformableTransformer(nn.Module):
                     f"two-stage selects {k} proposals but the image gives only {s} encoder positions "
                     f"(feature maps {shapes}); use larger images or fewer model.num_queries"
                 )
-            output_memory, output_proposals, invalid = self.encoder_output_proposals(memory, mask_flatten, shapes)
+            output_memory, output_proposals, _ = self.encoder_output_proposals(memory, mask_flatten, shapes)
             enc_outputs_class = enc_class_embed(output_memory)  # [B, S, K]
             enc_outputs_coord_unact = enc_bbox_embed(output_memory) + output_proposals  # [B, S, 4]
-            # Rank by the foreground (class 0) logit of the binary encoder targets; padding and
-            # border positions are never selected.
-            objectness = enc_outputs_class[..., 0].masked_fill(invalid[..., 0], float("-inf"))
-            topk = torch.topk(objectness, k, dim=1)[1]  # [B, k]
+            # Rank every position by the foreground (class 0) logit of the binary encoder targets, as
+            # the official implementation does: padding and border positions are not excluded (their
+            # memory is zeroed, so they share one logit that training pushes down), which keeps the
+            # outputs of converted official / Hugging Face checkpoints identical.
+            topk = torch.topk(enc_outputs_class[..., 0], k, dim=1)[1]  # [B, k]
             topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4))
             topk_coords_unact = topk_coords_unact.detach()  # proposals are targets, not a gradient path
             reference_points = topk_coords_unact.sigmoid()  # [B, k, 4]

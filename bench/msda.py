@@ -1,0 +1,202 @@
+"""Benchmark of multi-scale deformable attention: native kernel vs the PyTorch reference.
+
+Cases (M=8 heads, D=32 channels, L=4 levels, P=4 points, realistic locations: reference points plus
+Gaussian offsets of 2 pixels, see detr/ops/inputs.py):
+
+  a  encoder, batch 2, 512x512 image:  levels 64x64 32x32 16x16 8x8      (Lq = S = 5440)
+  b  encoder, batch 1, 800x1333 image: levels 100x167 50x84 25x42 13x21  (Lq = S = 21685)
+  c  decoder, batch 1, 800x1333 image, 300 queries
+
+For every (case, backend, mode) a fresh subprocess builds the inputs, runs one warm-up call and
+``--repeats`` timed calls (the best is reported) at the same thread count
+(``torch.set_num_threads``); a second subprocess measures the peak memory of the calls: peak RSS
+(VmHWM, reset just before the first call, with glibc returning large blocks to the OS on free) minus
+the RSS at that moment on CPU (Linux), ``torch.cuda.max_memory_allocated``
+minus the inputs on CUDA (timed with CUDA events). "fwd+bwd" is one forward plus
+``torch.autograd.grad`` for value, sampling_locations and attention_weights.
+
+    python bench/msda.py              # CPU cases, and CUDA ones when a GPU is visible
+    python bench/msda.py --quick      # fewer repeats
+    python bench/msda.py --cases a --threads 1 --device cpu
+    python bench/msda.py --threads 1 --clock process   # CPU time: robust on a busy machine
+
+Results are in bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = {
+    "a": ("encoder N=2 512x512 (S=5440)", [(64, 64), (32, 32), (16, 16), (8, 8)], 2, None),
+    "b": ("encoder N=1 800x1333 (S=21685)", [(100, 167), (50, 84), (25, 42), (13, 21)], 1, None),
+    "c": ("decoder N=1 800x1333, 300 queries", [(100, 167), (50, 84), (25, 42), (13, 21)], 1, 300),
+}
+HEADS, CHANNELS, POINTS = 8, 32, 4
+MODES = ("fwd", "fwd+bwd")
+BACKENDS = ("native", "reference")
+
+
+def _rss_bytes(field: str = "VmRSS") -> int:
+    """Current (VmRSS) or peak since the last reset (VmHWM) resident memory of this process."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    # Linux >= 4.0: writing 5 resets VmHWM to the current RSS, so input construction does not count.
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def _worker(case: str, backend: str, mode: str, device: str, threads: int, repeats: int, clock: str) -> dict:
+    """Runs in its own process so that peak memory belongs to this measurement alone."""
+    import torch
+
+    from detr.ops import ms_deform_attn
+    from detr.ops.dispatch import choose_backend
+    from detr.ops.inputs import make_inputs
+
+    torch.set_num_threads(threads)
+    _, levels, batch, queries = CASES[case]
+    choose_backend(backend, device)  # build/load outside the measurement
+    inputs = make_inputs(levels, batch=batch, heads=HEADS, channels=CHANNELS, points=POINTS, queries=queries)
+    args = [t.to(device) for t in inputs.as_tuple()]
+    training = mode == "fwd+bwd"
+    if training:
+        for index in (0, 3, 4):
+            args[index].requires_grad_(True)
+    grad_output = torch.randn(batch, args[3].shape[1], HEADS * CHANNELS, device=device)
+
+    def call() -> None:
+        out = ms_deform_attn(*args, backend=backend)
+        if training:
+            torch.autograd.grad(out, (args[0], args[3], args[4]), grad_output)
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        call()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        # "process" counts CPU seconds of this process (all threads): on a shared machine it leaves out
+        # the time spent waiting for a core, which wall-clock time includes.
+        now = time.process_time if clock == "process" else time.perf_counter
+        base = _rss_bytes()
+        _reset_peak_rss()
+        call()
+        times = []
+        for _ in range(repeats):
+            started = now()
+            call()
+            times.append(now() - started)
+        peak = _rss_bytes("VmHWM") - base
+    return {"best_s": min(times), "median_s": statistics.median(times), "peak_bytes": max(peak, 0)}
+
+
+def _run_worker(case: str, backend: str, mode: str, device: str, threads: int, repeats: int, clock: str,
+                env: dict[str, str]) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", case, backend, mode, device,
+               str(threads), str(repeats), clock]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark worker {case}/{backend}/{mode}/{device} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _measure(case: str, backend: str, mode: str, device: str, threads: int, repeats: int, clock: str) -> dict:
+    """Times from one subprocess with the allocator as users run it; peak memory from a second one."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    timed = _run_worker(case, backend, mode, device, threads, repeats, clock, env)
+    if device == "cpu":
+        # A fixed mmap threshold makes glibc return every large block to the OS when freed, so resident
+        # memory follows live tensors (the default adaptive threshold keeps freed blocks resident). It
+        # also makes each large allocation page-fault afresh, hence a separate run for the timings.
+        memory_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536")
+        timed["peak_bytes"] = _run_worker(case, backend, mode, device, threads, 1, clock, memory_env)["peak_bytes"]
+    return timed
+
+
+def _format_row(label: str, cells: list[str]) -> str:
+    return f"{label:<40}" + "".join(f"{cell:>14}" for cell in cells)
+
+
+def run(cases: list[str], devices: list[str], threads: int, repeats: int, clock: str) -> None:
+    import torch
+
+    print(f"torch {torch.__version__}, threads {threads}, repeats {repeats}, CPU clock {clock}, "
+          f"M={HEADS} D={CHANNELS} L=4 P={POINTS}")
+    for device in devices:
+        if device == "cuda":
+            print(f"device: {torch.cuda.get_device_name(0)} (times from CUDA events)")
+        else:
+            print(f"device: cpu ({os.cpu_count()} logical cores visible)")
+        print(_format_row("case / backend", ["fwd ms", "fwd+bwd ms", "fwd peak MB", "f+b peak MB"]))
+        for case in cases:
+            results = {(b, m): _measure(case, b, m, device, threads, repeats, clock)
+                       for b in BACKENDS for m in MODES}
+            print(CASES[case][0])
+            for backend in BACKENDS:
+                cells = [f"{results[backend, m]['best_s'] * 1e3:.1f}" for m in MODES]
+                cells += [f"{results[backend, m]['peak_bytes'] / 2**20:.1f}" for m in MODES]
+                print(_format_row(f"  {backend}", cells))
+            speed = [results["reference", m]["best_s"] / results["native", m]["best_s"] for m in MODES]
+            memory = [results["native", m]["peak_bytes"] / max(results["reference", m]["peak_bytes"], 1)
+                      for m in MODES]
+            print(_format_row("  native speed-up / memory fraction",
+                              [f"{s:.1f}x" for s in speed] + [f"{f:.2f}" for f in memory]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="a,b,c", help="comma-separated subset of a,b,c")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cpu, and cuda when a GPU is visible")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 5)")
+    parser.add_argument("--quick", action="store_true", help="2 timed calls per measurement")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="CPU timing: wall clock (default) or CPU time of the process (shared machines)")
+    parser.add_argument("--worker", nargs=7, metavar="ARG", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        case, backend, mode, device, threads, repeats, clock = args.worker
+        print(json.dumps(_worker(case, backend, mode, device, int(threads), int(repeats), clock)))
+        return
+
+    import torch
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    devices = ["cpu", "cuda"] if args.device == "auto" and torch.cuda.is_available() else (
+        ["cpu"] if args.device == "auto" else [args.device])
+    repeats = args.repeats or (2 if args.quick else 5)
+    run(cases, devices, args.threads or torch.get_num_threads(), repeats, args.clock)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Tests of the multi-scale deformable attention op (detr.ops)."""
