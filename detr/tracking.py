@@ -50,6 +50,9 @@ def tracked_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or attach to, under ``mlflow run``) a run; ends it with the right status."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # mlflow.set_experiment also exports MLFLOW_EXPERIMENT_ID; restored afterwards so that a later
+    # `mlflow run` or child process of the same program does not inherit a stale experiment.
+    previous_experiment_env = os.environ.get("MLFLOW_EXPERIMENT_ID")
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     if "MLFLOW_RUN_ID" not in os.environ:
         mlflow.set_experiment(experiment)
@@ -63,6 +66,10 @@ def tracked_run(
         raise
     finally:
         mlflow.end_run(status=status)
+        if previous_experiment_env is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = previous_experiment_env
 
 
 def log_evaluation_to_project_run(metrics: Mapping[str, float], *, checkpoint: str | Path, split: str) -> str | None:

@@ -88,3 +88,21 @@ def test_directory_keeps_last_k_and_best(tmp_path):
     assert not directory.is_better(0.1, 0.2) and not directory.is_better(float("nan"), 0.1)
     low = CheckpointDirectory(tmp_path, keep_last=1, metric="loss", mode="min")
     assert low.is_better(0.1, 0.2)
+
+
+def test_ctrl_c_during_a_write_completes_the_file_then_interrupts(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    real_save = torch.save
+
+    def save_then_sigint(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the write
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_then_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "c.pt", {"x": torch.ones(3)})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(tmp_path / "c.pt")["x"], torch.ones(3))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

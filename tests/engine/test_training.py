@@ -196,6 +196,7 @@ def test_mlflow_run_records_params_metrics_artifacts_tags_and_inputs(synth_dir, 
                                                            "tracking.experiment": "t", "tracking.num_overlay_images": 2,
                                                            "tracking.log_system_metrics": "false"})
     outcome = train_from_config(config, progress=False)
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ  # no stale experiment leaks into child processes
     client = mlflow.MlflowClient(uri)
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
