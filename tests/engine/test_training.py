@@ -117,7 +117,6 @@ def test_sigkill_mid_epoch_then_resume_loses_only_uncheckpointed_steps(synth_dir
     newest = sorted(tmp_path.glob("step-*.pt"))[-1]
     state = load_checkpoint(newest)["training_state"]
     assert state["step"] >= 2 and state["epoch"] == 0 or state["step"] >= 3
-    assert not list(tmp_path.glob(".*.tmp")) or True  # a temp file may remain; it is never read
     result = subprocess.run([*command, "--resume", "auto"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr

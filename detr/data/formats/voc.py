@@ -31,7 +31,7 @@ id when it is a plain string (a VOC id), else by the image file stem.
 from __future__ import annotations
 
 import filecmp
-import xml.etree.ElementTree as ET
+import xml.etree.ElementTree as ET  # writing our own XML only; every file read goes through defusedxml
 from pathlib import Path
 
 import defusedxml.ElementTree as SafeET
