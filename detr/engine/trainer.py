@@ -199,22 +199,27 @@ class Trainer:
     def _optimizer_step(self, micro: list[tuple[Any, Any, Any]]) -> dict[str, float] | None:
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
+        # Under accumulation each micro-batch's losses are its share of the whole step's loss (the
+        # criterion normalizes by the step's box count): the shares add up, whatever each holds.
+        step_targets = [target for _, _, targets in micro for target in targets] if len(micro) > 1 else None
         for index, (images, masks, targets) in enumerate(micro):
             images, masks = images.to(self.device), masks.to(self.device)
             targets = [{k: _to(v, self.device) for k, v in t.items()} for t in targets]
             sync = index == len(micro) - 1 or not hasattr(self.model, "no_sync")
             with (nullcontext() if sync else self.model.no_sync()), self._autocast():
                 outputs = self.model(images, masks)
-                terms = self.criterion(outputs, targets)
+                terms = self.criterion(outputs, targets, step_targets=step_targets)
             weights = self.criterion.weight_dict
             loss = sum(terms[k] * weights[k] for k in terms if k in weights)
             if not torch.isfinite(loss):
                 if self._handle_nonfinite(loss, targets):
                     return None
-            self.scaler.scale(loss / len(micro)).backward()
+            self.scaler.scale(loss).backward()
             for name, value in terms.items():
-                totals[name] = totals.get(name, 0.0) + float(value.detach()) / len(micro)
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / len(micro)
+                # Loss shares add up; the logged error rates are per micro-batch: average those.
+                share = name.startswith("loss") or name == "weighted_total"
+                totals[name] = totals.get(name, 0.0) + float(value.detach()) / (1 if share else len(micro))
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
         if self.settings.clip_max_norm > 0:
             self.scaler.unscale_(self.optimizer)
             totals["grad_norm"] = float(

@@ -12,6 +12,11 @@ Logged only (no gradient, final layer only): class_error (% of matched predictio
 top class) and cardinality_error (|predicted objects - target objects| per image).
 The two-stage encoder loss uses class-agnostic targets (every label 0: "an object"), as the paper.
 The number of boxes is averaged over processes when torch.distributed is initialised.
+
+Gradient accumulation: given ``step_targets`` (every target of the optimizer step), each loss is
+this micro-batch's share of the loss of the whole step's batch: the sums are divided by the step's
+box count (and, for the cross-entropy, by the step's total class weight), so the shares of the
+micro-batches add up to the loss of the whole batch, whatever the box count of each micro-batch.
 """
 
 from __future__ import annotations
@@ -73,11 +78,17 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, outputs: dict, targets: list[dict], step_targets: list[dict] | None = None
+    ) -> dict[str, torch.Tensor]:
         """
         Args:
             outputs: the model's dict (pred_logits, pred_boxes, optional aux_outputs, enc_outputs).
             targets: one dict per image: "labels" int64 [N], "boxes" [N, 4] normalized cxcywh.
+            step_targets: the targets of every micro-batch of the optimizer step, ``targets``
+                included, when the step accumulates gradients over micro-batches: the losses are
+                then this micro-batch's share (they sum to the whole batch's loss). None: the
+                step is this batch alone.
 
         Returns:
             Named scalar losses (see the module docstring), "class_error", "cardinality_error", and
@@ -85,17 +96,22 @@ class SetCriterion(nn.Module):
             optimizer minimizes).
         """
         device = outputs["pred_logits"].device
-        num_boxes = average_num_boxes(targets, device)
+        num_boxes = average_num_boxes(targets if step_targets is None else step_targets, device)
+        # The cross-entropy's normalizer for the whole step (None: this batch's own weighted mean).
+        class_weight = None if step_targets is None else self._class_weight_total(
+            step_targets, num_queries=outputs["pred_logits"].shape[1])
+        norms = (num_boxes, class_weight)
         losses: dict[str, torch.Tensor] = {}
         indices = self.matcher(outputs, targets)
-        losses.update(self._set_losses(outputs, targets, indices, num_boxes, suffix=""))
+        losses.update(self._set_losses(outputs, targets, indices, *norms, suffix=""))
         losses.update(self._logged_errors(outputs, targets, indices))
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self._set_losses(aux, targets, self.matcher(aux, targets), num_boxes, suffix=f"_{i}"))
+            losses.update(self._set_losses(aux, targets, self.matcher(aux, targets), *norms, suffix=f"_{i}"))
         if "enc_outputs" in outputs:
             enc = outputs["enc_outputs"]
             bin_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            losses.update(self._set_losses(enc, bin_targets, self.matcher(enc, bin_targets), num_boxes, suffix="_enc"))
+            enc_indices = self.matcher(enc, bin_targets)
+            losses.update(self._set_losses(enc, bin_targets, enc_indices, *norms, suffix="_enc"))
         unweighted = sorted(k for k in losses if k.startswith("loss_") and k not in self.weight_dict)
         if unweighted:
             raise ValueError(f"loss terms {unweighted} have no weight: the criterion was built for another model "
@@ -103,13 +119,20 @@ class SetCriterion(nn.Module):
         losses["weighted_total"] = sum(losses[k] * self.weight_dict[k] for k in losses if k in self.weight_dict)
         return losses
 
-    def _set_losses(self, outputs: dict, targets: list[dict], indices, num_boxes: torch.Tensor, suffix: str) -> dict:
+    def _set_losses(
+        self, outputs: dict, targets: list[dict], indices, num_boxes: torch.Tensor, class_weight: float | None,
+        suffix: str,
+    ) -> dict:
         return {
-            "loss_ce" + suffix: self.loss_labels(outputs, targets, indices, num_boxes),
+            "loss_ce" + suffix: self.loss_labels(outputs, targets, indices, num_boxes, class_weight),
             **{k + suffix: v for k, v in self.loss_boxes(outputs, targets, indices, num_boxes).items()},
         }
 
-    def loss_labels(self, outputs: dict, targets: list[dict], indices, num_boxes: torch.Tensor) -> torch.Tensor:
+    def loss_labels(
+        self, outputs: dict, targets: list[dict], indices, num_boxes: torch.Tensor, class_weight: float | None = None
+    ) -> torch.Tensor:
+        """``class_weight``: the cross-entropy's normalizer when it is not this batch's own summed
+        class weight (gradient accumulation, see ``forward``)."""
         # float32 even under autocast: the focal terms of 0.01-probability negatives underflow in half.
         logits = outputs["pred_logits"].float()  # [B, Q, K+1] (ce) or [B, Q, K] (focal)
         batch_idx, src_idx = _prediction_index(indices, logits.device)
@@ -118,7 +141,11 @@ class SetCriterion(nn.Module):
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, src_idx] = matched_labels
         if self.class_loss == "ce":
-            return F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.float())
+            weight = self.empty_weight.float()
+            # Sum of weight[target] * nll over the B x Q predictions; divided by the summed weights it
+            # is F.cross_entropy's weighted mean (by the step's summed weights under accumulation).
+            loss = F.cross_entropy(logits.transpose(1, 2), target_classes, weight, reduction="sum")
+            return loss / (weight[target_classes].sum() if class_weight is None else class_weight)
         # One-hot over K + 1 then drop the no-object column: unmatched rows are all zeros.
         onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()
         loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
@@ -134,6 +161,16 @@ class SetCriterion(nn.Module):
             box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"), reduction="sum"
         ) / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def _class_weight_total(self, targets: list[dict], *, num_queries: int) -> float:
+        """The summed cross-entropy class weights of a batch of ``targets``: Hungarian matching
+        pairs min(N, Q) of an image's Q predictions with its N targets (weight 1), the rest are "no
+        object" (weight ``eos_coef``). Known from the targets alone, before any matching."""
+        total = 0.0
+        for target in targets:
+            matched = min(len(target["labels"]), num_queries)
+            total += matched + (num_queries - matched) * self.eos_coef
+        return total
 
     @torch.no_grad()
     def _logged_errors(self, outputs: dict, targets: list[dict], indices) -> dict:
