@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         description="DETR and Deformable DETR: data, training, search and serving.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_examples(
+            "detr demo",
             "detr data synth --format coco --out data/synth --images 200 --seed 0",
             "detr data stats data/synth",
             "detr config show configs/deformable_detr_tiny.yaml -o train.lr=2e-4",
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_ops_commands(commands)
     _add_doctor_command(commands)
     _add_convert_command(commands)
+    _add_demo_command(commands)
     return parser
 
 
@@ -261,6 +263,8 @@ def _add_train_commands(commands) -> None:
     p.add_argument("--split", default="val", choices=("train", "val"))
     p.add_argument("--batch-size", type=int)
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+    p.add_argument("--mlflow-run", metavar="RUN_ID",
+                   help="also log the metrics to this MLflow run (e.g. the training run) as evaluate/<split>/...")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -291,7 +295,12 @@ def _cmd_evaluate(args) -> None:
     if args.json:
         args.json.write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"metrics written to {args.json}")
-    if os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run -e evaluate`: the metrics belong to that run
+    if args.mlflow_run:
+        from detr.tracking import log_evaluation_to_run
+
+        log_evaluation_to_run(metrics, args.mlflow_run, checkpoint=args.checkpoint, split=args.split)
+        print(f"metrics logged to MLflow run {args.mlflow_run} as evaluate/{args.split}/...")
+    elif os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run -e evaluate`: the metrics belong to that run
         from detr.tracking import log_evaluation_to_project_run
 
         run_id = log_evaluation_to_project_run(metrics, checkpoint=args.checkpoint, split=args.split)
@@ -366,6 +375,47 @@ def _cmd_doctor(args) -> None:
 # ---------------------------------------------------------------------------------------------
 # detr convert / detr export
 # ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# detr demo
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_demo_command(commands) -> None:
+    from detr.demo import DEMO_CONFIG, DEMO_DATA, DEMO_IMAGES
+
+    p = _command(commands, "demo",
+                 "the main job: shapes dataset -> train the tiny Deformable DETR -> evaluate, tracked in MLflow",
+                 ["detr demo", "detr demo --out outputs/demo2 -o train.epochs=1"])
+    p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="sample image, checkpoints, metrics.json")
+    p.add_argument("--data", type=Path, default=DEMO_DATA,
+                   help=f"the generated dataset (made when missing, reused when present; default {DEMO_DATA})")
+    p.add_argument("--images", type=int, default=DEMO_IMAGES, help="images to generate when --data is missing")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset")
+    p.add_argument("--config", type=Path, default=DEMO_CONFIG, help=f"the preset to train (default {DEMO_CONFIG})")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override applied after the demo's data and output paths (repeatable)")
+    p.add_argument("--overrides", default="", metavar="'K=V K=V'", help="the same, space-separated in one string")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> None:
+    from detr.demo import run_demo
+
+    if args.images < 2:
+        raise DetrError(f"--images {args.images}: the demo needs at least 2 images (a train and a val split)")
+    result = run_demo(args.out, data=args.data, images=args.images, seed=args.seed, config_path=args.config,
+                      overrides=_overrides(args))
+    print("demo: metrics of the best checkpoint on the validation split:")
+    _print_metrics({k: v for k, v in result.metrics.items() if k in DEMO_HEADLINE})
+    print(f"demo: done. Checkpoints in {result.checkpoint.parent}, metrics in {args.out / 'metrics.json'}")
+    if result.run_id:
+        print(f"demo: MLflow run {result.run_id} in {result.tracking_uri}; to look at it, run")
+        print(f"  {result.ui_command()}")
+
+
+DEMO_HEADLINE = ("coco/AP", "coco/AP50", "coco/AP75", "voc/mAP50")
 
 
 def _add_convert_command(commands) -> None:

@@ -87,6 +87,38 @@ def log_evaluation_to_project_run(metrics: Mapping[str, float], *, checkpoint: s
     return run.info.run_id
 
 
+def log_evaluation_to_run(
+    metrics: Mapping[str, float], run_id: str, *, checkpoint: str | Path, split: str, tracking_uri: str | None = None
+) -> None:
+    """Add ``detr evaluate``'s metrics to an existing run (e.g. the training run of the checkpoint)
+    as ``evaluate/<split>/<metric>``, next to the per-epoch numbers training logged there.
+
+    Raises :class:`InvalidInputError` when the store has no such run.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from detr.errors import InvalidInputError
+
+    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    try:
+        client.get_run(run_id)
+    except MlflowException as error:
+        raise InvalidInputError(
+            f"--mlflow-run {run_id}: no such run in the tracking store {client.tracking_uri} "
+            f"(set MLFLOW_TRACKING_URI to the store training logged to): {error.message}"
+        ) from None
+    prefix = f"evaluate/{split}/"
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(prefix + k, v, _now_ms(), 0)
+                                      for k, v in clean_metrics(metrics).items()])
+    client.set_tag(run_id, f"evaluated_checkpoint.{split}", str(Path(checkpoint).resolve()))
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
 def metric_key(name: str) -> str:
     """MLflow accepts letters, digits, ``_ - . : /`` and spaces in metric names; class names in
     per-class metrics may hold anything else, which becomes ``_``."""

@@ -3,6 +3,7 @@ CLI intact, and `mlflow run` attaching training and evaluation to the run it sta
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -184,10 +185,36 @@ def test_mlflow_run_train_then_evaluate_log_into_the_project_runs(tmp_path):
         assert evaluated.data.metrics[key] == pytest.approx(run.data.metrics[key], abs=1e-6), key
 
 
+# The demo's preset shrunk to seconds: the same pipeline, a micro model, one epoch.
+MICRO_DEMO_OVERRIDES = ("model.hidden_dim=32 model.nheads=4 model.enc_layers=1 model.dec_layers=1 "
+                        "model.dim_feedforward=64 model.num_queries=6 model.deformable.n_levels=2 "
+                        "model.backbone.trainable_layers=0 train.epochs=1 train.batch_size=2 "
+                        "tracking.log_system_metrics=false tracking.num_overlay_images=1")
+
+
 @pytest.mark.slow
 def test_mlflow_run_main_is_the_demo_job(tmp_path):
-    out = tmp_path / "demo"
-    result = mlflow_run("main", {"out": str(out), "images": "4", "seed": "1"}, project_experiment(tmp_path))
-    assert (out / "sample.png").is_file()
-    assert sorted(p.name for p in (out / "synth" / "annotations").iterdir()) == ["train.json", "val.json"]
-    assert "(coco): 4 images" in result.stdout  # the statistics were printed
+    """synth -> train -> evaluate, one run holding the per-epoch and the final evaluation."""
+    import mlflow
+
+    out, data = tmp_path / "demo", tmp_path / "synth"
+    tracking_uri = project_experiment(tmp_path)
+    result = mlflow_run("main", {"out": str(out), "data": str(data), "images": "6", "seed": "1",
+                                 "overrides": MICRO_DEMO_OVERRIDES}, tracking_uri)
+    assert (out / "sample.png").is_file() and (out / "checkpoints" / "best.pt").is_file()
+    assert sorted(p.name for p in (data / "annotations").iterdir()) == ["train.json", "val.json"]
+    assert "(coco): 5 images" in result.stdout  # the training split's statistics were printed
+    assert "mlflow ui --backend-store-uri" in result.stdout  # the command to look at the result
+
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("project").experiment_id])
+    assert len(runs) == 1, "training or evaluation opened a run of its own"
+    run = runs[0]
+    assert run.data.tags["mlflow.project.entryPoint"] == "main" and run.info.status == "FINISHED"
+    assert run.data.params["model.arch"] == "deformable_detr" and run.data.params["train.epochs"] == "1"
+    # The best checkpoint is the only epoch's: evaluating it again gives the numbers training logged.
+    final = {k: v for k, v in json.loads((out / "metrics.json").read_text()).items() if v == v}
+    for key in ("coco/AP", "coco/AP50", "voc/mAP50"):
+        assert run.data.metrics[f"evaluate/val/{key}"] == pytest.approx(final[key], abs=1e-9), key
+        assert run.data.metrics[key] == pytest.approx(final[key], abs=1e-6), key
+
