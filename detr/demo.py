@@ -80,10 +80,16 @@ def run_demo(
     print(compute_stats(train_split).format())
     print(f"demo: one annotated training image drawn to {save_drawn_record(train_split, 0, out / 'sample.png')}")
 
+    checkpoint_dir = out / "checkpoints"
+    previous = sorted(checkpoint_dir.glob("*.pt")) if checkpoint_dir.is_dir() else []
+    if previous:  # the demo's own directory: a new demo starts afresh (training refuses to mix runs)
+        print(f"demo: removing the previous demo's {len(previous)} checkpoints from {checkpoint_dir}")
+        for path in previous:
+            path.unlink()
     demo_paths = [
         f"data.train={{sources: [{{path: '{data}', format: coco, split: train}}]}}",
         f"data.val={{sources: [{{path: '{data}', format: coco, split: val}}]}}",
-        f"train.checkpoint.dir={out / 'checkpoints'}",
+        f"train.checkpoint.dir={checkpoint_dir}",
     ]
     config = load_config(config_path, [*demo_paths, *overrides])
     outcome = train_from_config(config, track=track)

@@ -61,6 +61,18 @@ def resolve_resume(resume: str | Path | None, checkpoints: CheckpointDirectory) 
     return path
 
 
+def refuse_stale_checkpoints(checkpoints: CheckpointDirectory) -> None:
+    """A fresh start must not write into another run's checkpoints: they would mix, and a later
+    ``--resume auto`` could continue the wrong run."""
+    stale = [*checkpoints.step_checkpoints(), *([checkpoints.best_path] if checkpoints.best_path.is_file() else [])]
+    if stale:
+        raise CheckpointError(
+            f"train.checkpoint.dir {checkpoints.directory} already holds checkpoints of an earlier run "
+            f"({', '.join(p.name for p in stale[-3:])}): continue that run with --resume auto, or set "
+            "train.checkpoint.dir to a new directory (or remove those files) to start afresh"
+        )
+
+
 def check_label_map(checkpoint_path: Path, dataset_map: LabelMap) -> None:
     stored = LabelMap.from_dict(load_checkpoint(checkpoint_path)["label_map"], source=str(checkpoint_path))
     stored.require_same(dataset_map, this=f"checkpoint {checkpoint_path}", that="the configured dataset")
@@ -91,6 +103,8 @@ def train_from_config(
         resume_path = resolve_resume(resume, checkpoints)
         if resume_path is not None:
             check_label_map(resume_path, label_map)
+        else:
+            refuse_stale_checkpoints(checkpoints)
 
         trainer = _build_trainer(config, train_set, val_set, label_map, device, dist_ctx, checkpoints,
                                  callbacks, progress)

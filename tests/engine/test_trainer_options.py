@@ -115,6 +115,7 @@ class GradientRecorder(Callback):
         trainer.optimizer.step = recording_step
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 @pytest.mark.parametrize("arch", ["detr", "deformable_detr"])
 def test_two_accumulated_micro_batches_give_the_gradient_of_one_batch_of_both(synth_dir, tmp_path, arch):
     """accum 2 x batch 2 == batch 4, to float rounding, with micro-batches holding different box counts.

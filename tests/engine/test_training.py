@@ -141,8 +141,8 @@ def test_nonfinite_loss_names_step_images_and_checkpoint(synth_dir, tmp_path, mo
 
     original = SetCriterion.forward
 
-    def poisoned(self, outputs, targets):
-        losses = original(self, outputs, targets)
+    def poisoned(self, outputs, targets, step_targets=None):
+        losses = original(self, outputs, targets, step_targets)
         return {k: v * float("nan") if k == "loss_bbox" else v for k, v in losses.items()}
 
     monkeypatch.setattr(SetCriterion, "forward", poisoned)
@@ -156,6 +156,16 @@ def test_nonfinite_loss_names_step_images_and_checkpoint(synth_dir, tmp_path, mo
                                 track=False, progress=False)
     assert outcome.steps == 0
     assert outcome.metrics["train/skipped_batches"] == 6  # 3 batches per epoch, 2 epochs, all skipped
+
+
+def test_a_fresh_start_refuses_a_directory_holding_another_runs_checkpoints(synth_dir, straight_run):
+    before = sorted(p.name for p in straight_run.iterdir())
+    with pytest.raises(CheckpointError) as info:
+        train_from_config(micro_config(synth_dir, straight_run), track=False, progress=False)
+    message = " ".join(str(info.value).split())
+    assert f"train.checkpoint.dir {straight_run} already holds checkpoints of an earlier run" in message
+    assert "--resume auto" in message and "best.pt" in message
+    assert sorted(p.name for p in straight_run.iterdir()) == before  # nothing written or removed
 
 
 def test_evaluation_does_not_depend_on_batch_size(straight_run):
