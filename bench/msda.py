@@ -84,6 +84,13 @@ def _worker(case: str, backend: str, mode: str, device: str, threads: int, repea
         if training:
             torch.autograd.grad(out, (args[0], args[3], args[4]), grad_output)
 
+    # What a call must hand back whatever the implementation: the output, and with fwd+bwd the
+    # gradients of value, sampling_locations and attention_weights (each as large as its input).
+    element = args[0].element_size()
+    result_bytes = grad_output.numel() * element
+    if training:
+        result_bytes += sum(args[i].numel() * args[i].element_size() for i in (0, 3, 4))
+
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -111,7 +118,8 @@ def _worker(case: str, backend: str, mode: str, device: str, threads: int, repea
             call()
             times.append(now() - started)
         peak = _rss_bytes("VmHWM") - base
-    return {"best_s": min(times), "median_s": statistics.median(times), "peak_bytes": max(peak, 0)}
+    return {"best_s": min(times), "median_s": statistics.median(times), "peak_bytes": max(peak, 0),
+            "result_bytes": result_bytes}
 
 
 def _run_worker(case: str, backend: str, mode: str, device: str, threads: int, repeats: int, clock: str,
@@ -133,7 +141,8 @@ def _measure(case: str, backend: str, mode: str, device: str, threads: int, repe
         # memory follows live tensors (the default adaptive threshold keeps freed blocks resident). It
         # also makes each large allocation page-fault afresh, hence a separate run for the timings.
         memory_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536")
-        timed["peak_bytes"] = _run_worker(case, backend, mode, device, threads, 1, clock, memory_env)["peak_bytes"]
+        memory = _run_worker(case, backend, mode, device, threads, 1, clock, memory_env)
+        timed["peak_bytes"] = memory["peak_bytes"]
     return timed
 
 
@@ -151,7 +160,8 @@ def run(cases: list[str], devices: list[str], threads: int, repeats: int, clock:
             print(f"device: {torch.cuda.get_device_name(0)} (times from CUDA events)")
         else:
             print(f"device: cpu ({os.cpu_count()} logical cores visible)")
-        print(_format_row("case / backend", ["fwd ms", "fwd+bwd ms", "fwd peak MB", "f+b peak MB"]))
+        print(_format_row("case / backend", ["fwd ms", "fwd+bwd ms", "fwd peak MB", "f+b peak MB",
+                                             "f+b extra MB"]))
         for case in cases:
             results = {(b, m): _measure(case, b, m, device, threads, repeats, clock)
                        for b in BACKENDS for m in MODES}
@@ -159,12 +169,20 @@ def run(cases: list[str], devices: list[str], threads: int, repeats: int, clock:
             for backend in BACKENDS:
                 cells = [f"{results[backend, m]['best_s'] * 1e3:.1f}" for m in MODES]
                 cells += [f"{results[backend, m]['peak_bytes'] / 2**20:.1f}" for m in MODES]
+                cells.append(f"{_extra_bytes(results[backend, 'fwd+bwd']) / 2**20:.1f}")
                 print(_format_row(f"  {backend}", cells))
             speed = [results["reference", m]["best_s"] / results["native", m]["best_s"] for m in MODES]
             memory = [results["native", m]["peak_bytes"] / max(results["reference", m]["peak_bytes"], 1)
                       for m in MODES]
+            memory.append(_extra_bytes(results["native", "fwd+bwd"])
+                          / max(_extra_bytes(results["reference", "fwd+bwd"]), 1))
             print(_format_row("  native speed-up / memory fraction",
                               [f"{s:.1f}x" for s in speed] + [f"{f:.2f}" for f in memory]))
+
+
+def _extra_bytes(result: dict) -> int:
+    """Peak memory beyond the tensors the call returns (output and gradients): its working memory."""
+    return max(result["peak_bytes"] - result["result_bytes"], 0)
 
 
 def main() -> None:
