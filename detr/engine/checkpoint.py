@@ -65,7 +65,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 
 @contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise ``KeyboardInterrupt``.
+    """Hold Ctrl-C (SIGINT) until the block ends, then deliver it (``KeyboardInterrupt``).
 
     A KeyboardInterrupt inside ``torch.save`` leaves its zip writer inconsistent and the next save
     in the same process fails; deferring it makes every checkpoint write complete. Only the main
@@ -81,7 +81,9 @@ def interrupts_deferred() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, previous)
     if received:
-        raise KeyboardInterrupt
+        # Delivered again to whatever handled it before: Python's default raises KeyboardInterrupt
+        # here; a process started with SIGINT ignored (nohup, a background job) keeps ignoring it.
+        signal.raise_signal(signal.SIGINT)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

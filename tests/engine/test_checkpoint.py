@@ -90,7 +90,17 @@ def test_directory_keeps_last_k_and_best(tmp_path):
     assert low.is_better(0.1, 0.2)
 
 
-def test_ctrl_c_during_a_write_completes_the_file_then_interrupts(tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_handler():
+    """Set SIGINT's handler for one test (a shell starts background jobs with SIGINT ignored)."""
+    import signal
+
+    original = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, original)
+
+
+def sigint_during_torch_save(monkeypatch) -> None:
     import os
     import signal
 
@@ -101,8 +111,26 @@ def test_ctrl_c_during_a_write_completes_the_file_then_interrupts(tmp_path, monk
         real_save(obj, f)
 
     monkeypatch.setattr(torch, "save", save_then_sigint)
+
+
+def test_ctrl_c_during_a_write_completes_the_file_then_interrupts(tmp_path, monkeypatch, sigint_handler):
+    import signal
+
+    sigint_handler(signal.default_int_handler)  # Python's own: Ctrl-C raises KeyboardInterrupt
+    sigint_during_torch_save(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path / "c.pt", {"x": torch.ones(3)})
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(tmp_path / "c.pt")["x"], torch.ones(3))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_sigint_stays_ignored_around_a_write(tmp_path, monkeypatch, sigint_handler):
+    import signal
+
+    sigint_handler(signal.SIG_IGN)  # e.g. started with nohup or as a background job
+    sigint_during_torch_save(monkeypatch)
+    save_checkpoint(tmp_path / "c.pt", {"x": torch.ones(3)})  # no KeyboardInterrupt
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(tmp_path / "c.pt")["x"], torch.ones(3))
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

@@ -24,10 +24,13 @@ def test_bench_runs_and_reports_ratios(native_cpu):
     for backend in ("native", "reference"):
         row = next(line for line in lines if line.strip().startswith(backend))
         times_and_memory = [float(x) for x in row.split()[1:]]
-        assert len(times_and_memory) == 4 and all(x >= 0 for x in times_and_memory)
+        # fwd ms, fwd+bwd ms, fwd peak MB, f+b peak MB, f+b extra MB (peak beyond output and gradients)
+        assert len(times_and_memory) == 5 and all(x >= 0 for x in times_and_memory)
         assert times_and_memory[0] > 0 and times_and_memory[1] > 0
+        assert times_and_memory[4] <= times_and_memory[3]
     ratio_line = next(line for line in lines if "speed-up" in line)
     assert len(re.findall(r"\d+\.\d+x", ratio_line)) == 2
+    assert len(re.findall(r"\s\d+\.\d\d(?=\s|$)", ratio_line)) == 3  # three memory fractions
 
 
 def test_bench_rejects_unknown_cases():
