@@ -19,7 +19,7 @@ from detr.data.labelmap import LabelMap
 from detr.data.loader import build_loader
 from detr.data.sources import load_splits
 from detr.data.transforms import build_split_transforms
-from detr.engine.callbacks import Callback
+from detr.engine.callbacks import Callback, EpochSummary
 from detr.engine.checkpoint import CheckpointDirectory, load_checkpoint
 from detr.engine.distributed import DistributedContext, init_distributed, shutdown_distributed
 from detr.engine.evaluation import Evaluator
@@ -192,6 +192,8 @@ def _build_trainer(
         on_nonfinite_loss=train_cfg.on_nonfinite_loss,
         progress=progress,
     )
+    if progress:
+        callbacks = [*callbacks, EpochSummary()]
     return Trainer(model=model, criterion=criterion, postprocess=postprocess, train_loader=train_loader,
                    sampler=sampler, optimizer=optimizer, scheduler=scheduler, settings=settings, device=device,
                    checkpoints=checkpoints, val_loader=val_loader, evaluator=evaluator, ema=ema,

@@ -4,6 +4,7 @@ evaluation that does not depend on batch size, and what a run logs to MLflow."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -166,6 +167,13 @@ def test_a_fresh_start_refuses_a_directory_holding_another_runs_checkpoints(synt
     assert f"train.checkpoint.dir {straight_run} already holds checkpoints of an earlier run" in message
     assert "--resume auto" in message and "best.pt" in message
     assert sorted(p.name for p in straight_run.iterdir()) == before  # nothing written or removed
+
+
+def test_progress_prints_one_summary_line_per_epoch(synth_dir, tmp_path, capsys):
+    train_from_config(micro_config(synth_dir, tmp_path), track=False, progress=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split("  ")[:2] for line in lines] == [["epoch 1/2", "step 3"], ["epoch 2/2", "step 6"]]
+    assert all(re.search(r"loss \d+\.\d{3}  coco/AP \d\.\d{3}  coco/AP50 \d\.\d{3}", line) for line in lines), lines
 
 
 def test_evaluation_does_not_depend_on_batch_size(straight_run):
