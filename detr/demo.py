@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,19 @@ class DemoResult:
         """What to run to look at the result (nothing to start for a tracking server)."""
         if self.tracking_uri.startswith(("http://", "https://")):
             return f"open {self.tracking_uri.rstrip('/')}/#/experiments (the server is already running)"
-        return f"mlflow ui --backend-store-uri {shlex.quote(self.tracking_uri)}"
+        return f"{mlflow_executable()} ui --backend-store-uri {shlex.quote(self.tracking_uri)}"
+
+
+def mlflow_executable() -> str:
+    """The ``mlflow`` installed next to this Python (e.g. ``.venv/bin/mlflow``, relative to the
+    working directory when inside it), so the printed command runs without activating anything."""
+    candidate = Path(sys.executable).parent / "mlflow"
+    if not candidate.is_file():
+        return "mlflow"
+    try:
+        return shlex.quote(str(candidate.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(candidate))
 
 
 def ensure_demo_dataset(data: Path, *, images: int, seed: int) -> Path:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from detr.cli import main
-from detr.demo import DemoResult, ensure_demo_dataset
+from detr.demo import DemoResult, ensure_demo_dataset, mlflow_executable
 from detr.errors import InvalidInputError
 
 
@@ -33,9 +35,23 @@ def test_too_few_images_is_a_clear_cli_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("uri", "expected"), [
-    ("sqlite:///mlflow.db", "mlflow ui --backend-store-uri sqlite:///mlflow.db"),
-    ("sqlite:////tmp/my runs/m.db", "mlflow ui --backend-store-uri 'sqlite:////tmp/my runs/m.db'"),
+    ("sqlite:///mlflow.db", "{mlflow} ui --backend-store-uri sqlite:///mlflow.db"),
+    ("sqlite:////tmp/my runs/m.db", "{mlflow} ui --backend-store-uri 'sqlite:////tmp/my runs/m.db'"),
     ("http://127.0.0.1:5000/", "open http://127.0.0.1:5000/#/experiments (the server is already running)"),
 ])
 def test_the_closing_hint_names_the_store_training_logged_to(tmp_path, uri, expected):
-    assert DemoResult(run_id="r", tracking_uri=uri, checkpoint=tmp_path / "best.pt", metrics={}).ui_command() == expected
+    hint = DemoResult(run_id="r", tracking_uri=uri, checkpoint=tmp_path / "best.pt", metrics={}).ui_command()
+    assert hint == expected.format(mlflow=mlflow_executable())
+
+
+def test_the_hint_runs_the_mlflow_of_this_environment(tmp_path, monkeypatch):
+    """Printed relative to the working directory inside it (`.venv/bin/mlflow` from the repository)."""
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "mlflow").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.chdir(tmp_path)
+    assert mlflow_executable() == ".venv/bin/mlflow"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert mlflow_executable() == str(bin_dir / "mlflow")
