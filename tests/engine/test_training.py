@@ -189,7 +189,10 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(synth_dir, tmp_path):
     overrides = micro_overrides(synth_dir, tmp_path, **{"train.epochs": 50})
     command = [sys.executable, "-m", "detr.cli", "train", "--no-track",
                *[arg for o in overrides for arg in ("-o", o)]]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal even when the tests run as a background job (which ignores SIGINT, and
+    # Python then installs no KeyboardInterrupt handler in the child).
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob("step-*.pt")):  # the first epoch finished: training is under way
         assert process.poll() is None, process.stderr.read()
