@@ -277,7 +277,10 @@ def _cmd_train(args) -> None:
     print(f"trained {outcome.epochs} epochs ({outcome.steps} steps); checkpoints in {outcome.checkpoint_dir}")
     _print_metrics(outcome.metrics)
     if outcome.run_id:
-        print(f"MLflow run {outcome.run_id}")
+        from detr.tracking import resolve_tracking_uri, ui_command
+
+        hint = ui_command(resolve_tracking_uri(config.tracking.tracking_uri))
+        print(f"MLflow run {outcome.run_id}; to look at it: {hint}")
 
 
 def _cmd_evaluate(args) -> None:

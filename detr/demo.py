@@ -8,8 +8,6 @@ UI on the run. Training and evaluation land in one MLflow run (under `mlflow run
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,22 +29,9 @@ class DemoResult:
     metrics: dict[str, float]
 
     def ui_command(self) -> str:
-        """What to run to look at the result (nothing to start for a tracking server)."""
-        if self.tracking_uri.startswith(("http://", "https://")):
-            return f"open {self.tracking_uri.rstrip('/')}/#/experiments (the server is already running)"
-        return f"{mlflow_executable()} ui --backend-store-uri {shlex.quote(self.tracking_uri)}"
+        from detr.tracking import ui_command
 
-
-def mlflow_executable() -> str:
-    """The ``mlflow`` installed next to this Python (e.g. ``.venv/bin/mlflow``, relative to the
-    working directory when inside it), so the printed command runs without activating anything."""
-    candidate = Path(sys.executable).parent / "mlflow"
-    if not candidate.is_file():
-        return "mlflow"
-    try:
-        return shlex.quote(str(candidate.relative_to(Path.cwd())))
-    except ValueError:
-        return shlex.quote(str(candidate))
+        return ui_command(self.tracking_uri)
 
 
 def ensure_demo_dataset(data: Path, *, images: int, seed: int) -> Path:

@@ -12,8 +12,10 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -70,6 +72,25 @@ def tracked_run(
             os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
         else:
             os.environ["MLFLOW_EXPERIMENT_ID"] = previous_experiment_env
+
+
+def ui_command(tracking_uri: str) -> str:
+    """What to run to look at runs logged to ``tracking_uri`` (a server is already browsable)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri.rstrip('/')}/#/experiments (the server is already running)"
+    return f"{mlflow_executable()} ui --backend-store-uri {shlex.quote(tracking_uri)}"
+
+
+def mlflow_executable() -> str:
+    """The ``mlflow`` installed next to this Python (e.g. ``.venv/bin/mlflow``, relative to the
+    working directory when inside it), so the printed command runs without activating anything."""
+    candidate = Path(sys.executable).parent / "mlflow"
+    if not candidate.is_file():
+        return "mlflow"
+    try:
+        return shlex.quote(str(candidate.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(candidate))
 
 
 def log_evaluation_to_project_run(metrics: Mapping[str, float], *, checkpoint: str | Path, split: str) -> str | None:

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from detr.cli import main
-from detr.demo import DemoResult, ensure_demo_dataset, mlflow_executable
+from detr.demo import DemoResult, ensure_demo_dataset
+from detr.tracking import mlflow_executable
 from detr.errors import InvalidInputError
 
 
