@@ -100,6 +100,5 @@ def run_demo(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
     if outcome.run_id is not None:
-        log_evaluation_to_run(metrics, outcome.run_id, checkpoint=checkpoint, split="val",
-                              tracking_uri=config.tracking.tracking_uri)
+        log_evaluation_to_run(metrics, outcome.run_id, checkpoint=checkpoint, split="val", tracking_uri=tracking_uri)
     return DemoResult(run_id=outcome.run_id, tracking_uri=tracking_uri, checkpoint=checkpoint, metrics=metrics)

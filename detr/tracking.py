@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -129,15 +130,10 @@ def log_evaluation_to_run(
             f"(set MLFLOW_TRACKING_URI to the store training logged to): {error.message}"
         ) from None
     prefix = f"evaluate/{split}/"
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(prefix + k, v, _now_ms(), 0)
+    now_ms = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(prefix + k, v, now_ms, 0)
                                       for k, v in clean_metrics(metrics).items()])
     client.set_tag(run_id, f"evaluated_checkpoint.{split}", str(Path(checkpoint).resolve()))
-
-
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
 
 
 def metric_key(name: str) -> str:

@@ -8,8 +8,25 @@ import numpy as np
 import pytest
 
 from detr.data.dataset import DetectionDataset
+from detr.data.synth import generate_synthetic_dataset
 from detr.data.labelmap import LabelMap
 from detr.data.records import ImageRecord
+
+# ---- training: a generated dataset small enough for many short trainings ---------------------
+
+SMALL_NUM_TRAIN, SMALL_NUM_VAL = 8, 2  # 8 = 2 steps of 2 x 2 images: no padded or short last batch
+
+
+@pytest.fixture(scope="session")
+def small_synth_dir(tmp_path_factory) -> Path:
+    """The shapes dataset as generated (1-6 boxes per image), 96x96: SMALL_NUM_TRAIN train and
+    SMALL_NUM_VAL val images."""
+    out = tmp_path_factory.mktemp("data") / "synth"
+    total = SMALL_NUM_TRAIN + SMALL_NUM_VAL
+    generate_synthetic_dataset(out, format="coco", num_images=total, seed=3, image_size=(96, 96),
+                               val_fraction=SMALL_NUM_VAL / total, progress=False)
+    return out
+
 
 # ---- evaluation: records, datasets and predictions built directly (no format adapter) ----------
 

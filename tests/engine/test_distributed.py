@@ -29,28 +29,20 @@ import pytest
 import torch
 
 from detr.config import load_config
-from detr.data.synth import generate_synthetic_dataset
 from detr.engine.checkpoint import load_checkpoint
 from detr.engine.run import train_from_config
+from tests.engine.conftest import SMALL_NUM_TRAIN as NUM_TRAIN
+from tests.engine.conftest import SMALL_NUM_VAL as NUM_VAL
 
-NUM_TRAIN, NUM_VAL = 8, 2  # 8 = 2 steps of 2 x 2 images: no padded or short last batch
 PER_PROCESS_BATCH = 2
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "synth"
-    generate_synthetic_dataset(out, format="coco", num_images=NUM_TRAIN + NUM_VAL, seed=3, image_size=(96, 96),
-                               val_fraction=NUM_VAL / (NUM_TRAIN + NUM_VAL), progress=False)
-    return out
-
-
-def ddp_overrides(synth_dir: Path, checkpoint_dir: Path, batch_size: int) -> list[str]:
+def ddp_overrides(small_synth_dir: Path, checkpoint_dir: Path, batch_size: int) -> list[str]:
     """A micro DETR whose result does not depend on how a batch is split (see the module docstring)."""
     fixed_size = "{name: resize, args: {size: 64, max_size: 80}}"  # the 96x96 images all become 64x64
     overrides = {
-        "data.train": f"{{sources: [{{path: {synth_dir}, format: coco, split: train}}]}}",
-        "data.val": f"{{sources: [{{path: {synth_dir}, format: coco, split: val}}]}}",
+        "data.train": f"{{sources: [{{path: {small_synth_dir}, format: coco, split: train}}]}}",
+        "data.val": f"{{sources: [{{path: {small_synth_dir}, format: coco, split: val}}]}}",
         "data.transforms.train": f"[{{name: random_horizontal_flip, args: {{p: 0.5}}}}, {fixed_size}, "
                                  "{name: normalize}]",
         "data.transforms.val": f"[{fixed_size}, {{name: normalize}}]",
@@ -122,7 +114,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 @pytest.mark.slow
-def test_two_processes_at_batch_b_train_like_one_process_at_2b(synth_dir, tmp_path):
+def test_two_processes_at_batch_b_train_like_one_process_at_2b(small_synth_dir, tmp_path):
     # -- two processes, batch 2 each, tracked in MLflow -----------------------------------------
     ddp_dir = tmp_path / "ddp"
     hooks, write_log = tmp_path / "hooks", tmp_path / "writes.log"
@@ -141,14 +133,14 @@ def test_two_processes_at_batch_b_train_like_one_process_at_2b(synth_dir, tmp_pa
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                "-m", "detr.cli", "train",
-               *[arg for o in ddp_overrides(synth_dir, ddp_dir, PER_PROCESS_BATCH) for arg in ("-o", o)]]
+               *[arg for o in ddp_overrides(small_synth_dir, ddp_dir, PER_PROCESS_BATCH) for arg in ("-o", o)]]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
 
     # -- the references, in this process: one process at 2B and at B ---------------------------
     single_2b, single_b = tmp_path / "single_2b", tmp_path / "single_b"
     for directory, batch_size in ((single_2b, 2 * PER_PROCESS_BATCH), (single_b, PER_PROCESS_BATCH)):
-        config = load_config(None, ddp_overrides(synth_dir, directory, batch_size))
+        config = load_config(None, ddp_overrides(small_synth_dir, directory, batch_size))
         train_from_config(config, track=False, progress=False)
 
     # Same number of optimizer steps as one process at 2B: the epoch is split, not repeated.

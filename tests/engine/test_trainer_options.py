@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from detr.config import load_config
-from detr.data.synth import generate_synthetic_dataset
 from detr.engine import trainer as trainer_module
 from detr.engine.callbacks import Callback
 from detr.engine.checkpoint import load_checkpoint
 from detr.engine.run import evaluate_checkpoint, train_from_config
 from detr.errors import DetrError
 from detr.models.load import load_model
-
-NUM_TRAIN, NUM_VAL = 8, 2
+from tests.engine.conftest import SMALL_NUM_TRAIN as NUM_TRAIN
 
 
 def micro_config(data_dir: Path, checkpoint_dir: Path, **extra):
@@ -73,15 +71,6 @@ class StepRecorder(Callback):
         self.params.append({name: named[name].detach().clone() for name in self.names})
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory) -> Path:
-    """The generated shapes dataset as generated: 1-6 boxes per image, so micro-batches differ."""
-    out = tmp_path_factory.mktemp("data") / "synth"
-    generate_synthetic_dataset(out, format="coco", num_images=NUM_TRAIN + NUM_VAL, seed=3, image_size=(96, 96),
-                               val_fraction=NUM_VAL / (NUM_TRAIN + NUM_VAL), progress=False)
-    return out
-
-
 class BoxCounter(Callback):
     """Counts the target boxes of every micro-batch the model sees in training."""
 
@@ -117,7 +106,7 @@ class GradientRecorder(Callback):
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 @pytest.mark.parametrize("arch", ["detr", "deformable_detr"])
-def test_two_accumulated_micro_batches_give_the_gradient_of_one_batch_of_both(synth_dir, tmp_path, arch):
+def test_two_accumulated_micro_batches_give_the_gradient_of_one_batch_of_both(small_synth_dir, tmp_path, arch):
     """accum 2 x batch 2 == batch 4, to float rounding, with micro-batches holding different box counts.
 
     DETR's cross-entropy (a weighted mean over predictions) and every box loss (divided by the box
@@ -129,11 +118,11 @@ def test_two_accumulated_micro_batches_give_the_gradient_of_one_batch_of_both(sy
     """
     extra = DEFORMABLE_MICRO if arch == "deformable_detr" else {}
     whole, accumulated = GradientRecorder(), GradientRecorder()
-    train_from_config(micro_config(synth_dir, tmp_path / "whole", **extra), callbacks=[whole],
+    train_from_config(micro_config(small_synth_dir, tmp_path / "whole", **extra), callbacks=[whole],
                       track=False, progress=False)
     counter = BoxCounter()
     outcome = train_from_config(
-        micro_config(synth_dir, tmp_path / "accumulated", **{"train.batch_size": 2, "train.grad_accum_steps": 2},
+        micro_config(small_synth_dir, tmp_path / "accumulated", **{"train.batch_size": 2, "train.grad_accum_steps": 2},
                      **extra),
         callbacks=[counter, accumulated], track=False, progress=False)
     assert outcome.steps == NUM_TRAIN // 4 == len(whole.steps) == len(accumulated.steps)
@@ -146,7 +135,7 @@ def test_two_accumulated_micro_batches_give_the_gradient_of_one_batch_of_both(sy
         assert gap <= 1e-5 * scale, (step, gap, scale)
 
 
-def test_bf16_autocast_on_cpu_trains_with_finite_losses(synth_dir, tmp_path):
+def test_bf16_autocast_on_cpu_trains_with_finite_losses(small_synth_dir, tmp_path):
     recorder = StepRecorder()
     output_dtypes: list[torch.dtype] = []
 
@@ -154,7 +143,7 @@ def test_bf16_autocast_on_cpu_trains_with_finite_losses(synth_dir, tmp_path):
         def on_train_start(self, trainer, state) -> None:
             trainer.model.class_embed.register_forward_hook(lambda m, i, out: output_dtypes.append(out.dtype))
 
-    outcome = train_from_config(micro_config(synth_dir, tmp_path, **{"train.amp": "bf16"}),
+    outcome = train_from_config(micro_config(small_synth_dir, tmp_path, **{"train.amp": "bf16"}),
                                 callbacks=[recorder, WatchOutputs()], track=False, progress=False)
     assert outcome.steps == 2 and len(recorder.losses) == 2
     assert all(math.isfinite(value) for losses in recorder.losses for value in losses.values()), recorder.losses
@@ -163,13 +152,13 @@ def test_bf16_autocast_on_cpu_trains_with_finite_losses(synth_dir, tmp_path):
     assert all(v.dtype == torch.float32 for v in stored.values() if v.is_floating_point())  # fp32 master weights
 
 
-def test_fp16_on_cpu_is_refused_with_the_alternatives(synth_dir, tmp_path):
+def test_fp16_on_cpu_is_refused_with_the_alternatives(small_synth_dir, tmp_path):
     with pytest.raises(DetrError, match=r"train\.amp=fp16 needs a CUDA device; on CPU use train\.amp=bf16 or none"):
-        train_from_config(micro_config(synth_dir, tmp_path, **{"train.amp": "fp16"}), track=False, progress=False)
+        train_from_config(micro_config(small_synth_dir, tmp_path, **{"train.amp": "fp16"}), track=False, progress=False)
     assert not list(tmp_path.glob("*.pt"))
 
 
-def test_ema_weights_are_checkpointed_evaluated_and_loaded(synth_dir, tmp_path, monkeypatch):
+def test_ema_weights_are_checkpointed_evaluated_and_loaded(small_synth_dir, tmp_path, monkeypatch):
     decay = 0.5  # far from 1 so the average is visibly not the last weights after 2 steps
     watched = ("class_embed.weight", "transformer.decoder.layers.0.linear1.weight")
     recorder = StepRecorder(watched)
@@ -181,7 +170,7 @@ def test_ema_weights_are_checkpointed_evaluated_and_loaded(synth_dir, tmp_path, 
         return original(model, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "evaluate_model", recording_evaluate)
-    outcome = train_from_config(micro_config(synth_dir, tmp_path, **{"train.ema.enabled": "true",
+    outcome = train_from_config(micro_config(small_synth_dir, tmp_path, **{"train.ema.enabled": "true",
                                                                        "train.ema.decay": decay}),
                                 callbacks=[recorder], track=False, progress=False)
     data = load_checkpoint(outcome.last_checkpoint)
