@@ -42,6 +42,14 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def use_tracking_uri(configured: str | None = None) -> str:
+    """Point this process's MLflow client at the resolved tracking URI (and keep telemetry off)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = resolve_tracking_uri(configured)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 @contextmanager
 def tracked_run(
     *,
@@ -52,11 +60,10 @@ def tracked_run(
     tags: Mapping[str, str] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or attach to, under ``mlflow run``) a run; ends it with the right status."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # mlflow.set_experiment also exports MLFLOW_EXPERIMENT_ID; restored afterwards so that a later
     # `mlflow run` or child process of the same program does not inherit a stale experiment.
     previous_experiment_env = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    use_tracking_uri(tracking_uri)
     if "MLFLOW_RUN_ID" not in os.environ:
         mlflow.set_experiment(experiment)
     run = mlflow.start_run(run_name=run_name, log_system_metrics=log_system_metrics, tags=dict(tags or {}))

@@ -116,6 +116,8 @@ def train_from_config(
             with tracked_run(tracking_uri=tracking.tracking_uri, experiment=tracking.experiment,
                              run_name=tracking.run_name, log_system_metrics=tracking.log_system_metrics) as run:
                 run_id = run.info.run_id
+                # Checkpoints name their run: `detr register` logs the model into it.
+                trainer.extra_state["mlflow_run_id"] = run_id
                 trainer.callbacks.append(_mlflow_callback(config, trainer, train_set, val_set))
                 trainer.fit(resume_path)
         else:

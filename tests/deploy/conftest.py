@@ -1,0 +1,129 @@
+"""Fixtures of the serving tests: small checkpoints with random weights, a tracking store with a
+registered model, request images, and a helper that runs a server process on a free local port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detr.config import config_from_dict
+from detr.data.labelmap import LabelMap
+from detr.data.synth import image_rng, render_scene
+from detr.engine.checkpoint import save_checkpoint
+from detr.models.build import build_model
+from tests.models.conftest import TINY
+
+VENV_BIN = Path(sys.executable).parent
+CLASSES = ("circle", "square", "triangle")
+# The served model's preprocessing: shorter side to 96 pixels, longer side at most 128.
+VAL_TRANSFORMS = [{"name": "resize", "args": {"size": 96, "max_size": 128}}, {"name": "normalize"}]
+
+
+def write_checkpoint(path: Path, arch_changes: dict, *, seed: int = 0) -> Path:
+    config = config_from_dict({"model": {**TINY, **arch_changes}, "data": {"transforms": {"val": VAL_TRANSFORMS}}})
+    torch.manual_seed(seed)
+    model = build_model(config, len(CLASSES))
+    return save_checkpoint(path, {"model": model.state_dict(), "config": config.to_dict(),
+                                  "label_map": LabelMap(CLASSES).to_dict()})
+
+
+@pytest.fixture(scope="session")
+def detr_checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "detr.pt", {"arch": "detr"})
+
+
+@pytest.fixture(scope="session")
+def deformable_checkpoint(tmp_path_factory) -> Path:
+    changes = {"arch": "deformable_detr", "deformable": {"with_box_refine": True, "two_stage": True}}
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "deformable.pt", changes)
+
+
+def scene_pixels(seed: int, width: int, height: int) -> np.ndarray:
+    """uint8 [H, W, 3] of a generated shapes image."""
+    return render_scene(image_rng(seed, 0), width, height).image
+
+
+@pytest.fixture(scope="session")
+def request_images() -> list[np.ndarray]:
+    """Three images of different sizes and aspect ratios ([H, W, 3] uint8)."""
+    return [scene_pixels(1, 160, 160), scene_pixels(2, 200, 120), scene_pixels(3, 90, 150)]
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> Iterator[str]:
+    """A fresh SQLite tracking store for the session, also in MLFLOW_TRACKING_URI for child processes."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        yield uri
+        mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="session")
+def registered_model(detr_checkpoint, tracking_uri):
+    """The DETR checkpoint logged as a pyfunc model, registered as "shapes" with alias "champion"."""
+    from deploy.packaging import log_detr_model
+
+    return log_detr_model(detr_checkpoint, registered_name="shapes", alias="champion")
+
+
+# ---- server processes --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server_process(command: Sequence[str], *, ready_url: str, log: Path, cwd: Path,
+                   env: dict[str, str] | None = None, timeout: float = 180) -> Iterator[subprocess.Popen]:
+    """Run ``command`` in its own session until ``ready_url`` answers 200; stop the whole process
+    group (server and workers) afterwards."""
+    full_env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+    with log.open("w") as out:
+        server = subprocess.Popen(list(command), cwd=cwd, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"{command[0]} exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"{ready_url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
