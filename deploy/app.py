@@ -68,27 +68,35 @@ class BodySizeLimit:
             await self._too_large(send)
             return
         received = 0
-        started = False
+        exceeded = False
+        answered = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    exceeded = True
                     raise _BodyTooLarge
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def checked_send(message):
+            # Once the body overflowed, whatever the app answers (its body parser turns our
+            # exception into a 400) is replaced by the 413.
+            nonlocal answered
+            if not exceeded:
+                await send(message)
+            elif not answered:
+                answered = True
+                await self._too_large(send)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, checked_send)
         except _BodyTooLarge:
-            if not started:
-                await self._too_large(send)
+            pass
+        if exceeded and not answered:
+            await self._too_large(send)
 
     async def _too_large(self, send) -> None:
         body = json.dumps({"status": "error", "message": f"request body is larger than {self.max_bytes} bytes"})
