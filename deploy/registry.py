@@ -6,24 +6,17 @@ alias points at, so promoting a new model is one call and serving picks it up on
 
 from __future__ import annotations
 
-import re
-
 import mlflow
 from mlflow import MlflowClient
 
+from detr.config import MODEL_ALIAS_RULE, is_valid_model_alias
 from detr.errors import InvalidInputError
-
-# MLflow rejects some alias names (e.g. "latest", "v1"): check before registering anything.
-_ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
-_RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
 
 
 def check_alias(alias: str) -> None:
-    if not _ALIAS.match(alias) or _RESERVED_ALIAS.match(alias):
-        raise InvalidInputError(
-            f"alias {alias!r} is not allowed: use letters, digits, '_' and '-', starting with a letter "
-            "or '_' (not 'latest' or 'v<number>'), e.g. 'champion'"
-        )
+    """MLflow rejects some alias names: check before anything is registered."""
+    if not is_valid_model_alias(alias):
+        raise InvalidInputError(f"alias {alias!r} is not allowed: {MODEL_ALIAS_RULE}")
 
 
 def register(model_uri: str, name: str, *, alias: str | None = None) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -256,6 +257,16 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+# Aliases MLflow's registry accepts (it reserves "latest" and "v<number>").
+MODEL_ALIAS_RULE = ("use letters, digits, '_' and '-', starting with a letter or '_', not 'latest' or "
+                    "'v<number>' (e.g. 'champion')")
+
+
+def is_valid_model_alias(alias: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]{0,254}", alias)) and not re.fullmatch(
+        r"(?i)latest|v\d+", alias)
+
+
 class TrackingConfig(Section):
     # None: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working directory.
     tracking_uri: str | None = None
@@ -265,6 +276,20 @@ class TrackingConfig(Section):
     # Step losses and lr are logged at step 1 and every this many optimizer steps.
     log_every_steps: PositiveInt = 10
     num_overlay_images: NonNegInt = 4
+    # When training finishes, the best checkpoint (else the last) becomes the run's pyfunc model
+    # ("model", ready for `mlflow models serve`); with registered_model it is also registered and
+    # registered_alias is moved to the new version.
+    log_model: bool = True
+    registered_model: str | None = None
+    registered_alias: str = "champion"
+
+    @model_validator(mode="after")
+    def _alias_accepted_by_mlflow(self) -> TrackingConfig:
+        if not is_valid_model_alias(self.registered_alias):
+            raise ValueError(f"registered_alias {self.registered_alias!r}: {MODEL_ALIAS_RULE}")
+        if self.registered_model is not None and not self.registered_model.strip():
+            raise ValueError("registered_model is empty: give a name or leave it unset (null)")
+        return self
 
 
 class Config(Section):

@@ -1,8 +1,8 @@
 """The main job on the embedded defaults, behind `make demo`, `mlflow run .` and `detr demo`.
 
 The generated shapes dataset -> training of the tiny Deformable DETR preset (about 10 minutes on
-2 CPU cores) -> COCO and VOC evaluation of its best checkpoint -> the command that opens the MLflow
-UI on the run. Training and evaluation land in one MLflow run (under `mlflow run`, the project's).
+2 CPU cores) -> COCO and VOC evaluation of its best checkpoint, registered as the pyfunc model
+``models:/shapes-demo@champion`` -> the commands that open the MLflow UI on the run and serve the model. Training and evaluation land in one MLflow run (under `mlflow run`, the project's).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ DEMO_DATA = Path("data/synth_small")  # the dataset the tiny presets name
 DEMO_IMAGES = 3700
 DEMO_IMAGE_SIZE = (160, 160)  # (width, height): what the tiny presets train at
 DEMO_VAL_FRACTION = 200 / 3700  # 3500 training and 200 validation images
+DEMO_REGISTERED_MODEL = "shapes-demo"  # the best checkpoint is registered as models:/shapes-demo@champion
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class DemoResult:
     tracking_uri: str
     checkpoint: Path
     metrics: dict[str, float]
+    served_model_uri: str | None = None
 
     def ui_command(self) -> str:
         from detr.tracking import ui_command
@@ -88,6 +90,7 @@ def run_demo(
         f"data.train={{sources: [{{path: '{data}', format: coco, split: train}}]}}",
         f"data.val={{sources: [{{path: '{data}', format: coco, split: val}}]}}",
         f"train.checkpoint.dir={checkpoint_dir}",
+        f"tracking.registered_model={DEMO_REGISTERED_MODEL}",
     ]
     config = load_config(config_path, [*demo_paths, *overrides])
     outcome = train_from_config(config, track=track)
@@ -101,4 +104,5 @@ def run_demo(
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
     if outcome.run_id is not None:
         log_evaluation_to_run(metrics, outcome.run_id, checkpoint=checkpoint, split="val", tracking_uri=tracking_uri)
-    return DemoResult(run_id=outcome.run_id, tracking_uri=tracking_uri, checkpoint=checkpoint, metrics=metrics)
+    return DemoResult(run_id=outcome.run_id, tracking_uri=tracking_uri, checkpoint=checkpoint, metrics=metrics,
+                      served_model_uri=outcome.served_model_uri)

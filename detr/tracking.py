@@ -89,6 +89,20 @@ def ui_command(tracking_uri: str) -> str:
     return f"{mlflow_executable()} ui --backend-store-uri {shlex.quote(tracking_uri)}"
 
 
+def serve_commands(model_uri: str, *, port: int = 5000) -> list[str]:
+    """What to run to serve ``model_uri`` over REST: MLflow's scoring server and this package's app.
+    ``mlflow models serve --env-manager local`` starts ``uvicorn`` by name, so the environment's
+    bin/ must be on PATH: the command says so when it is not."""
+    bin_dir = Path(sys.executable).parent
+    on_path = str(bin_dir) in os.environ.get("PATH", "").split(os.pathsep)
+    prefix = "" if on_path else f"PATH={shlex.quote(str(bin_dir))}:$PATH "
+    detr = bin_dir / "detr"
+    detr_command = shlex.quote(str(detr)) if detr.is_file() and not on_path else "detr"
+    quoted = shlex.quote(model_uri)
+    return [f"{prefix}{mlflow_executable()} models serve -m {quoted} --env-manager local --port {port}",
+            f"{detr_command} serve {quoted} --port {port + 1}"]
+
+
 def mlflow_executable() -> str:
     """The ``mlflow`` installed next to this Python (e.g. ``.venv/bin/mlflow``, relative to the
     working directory when inside it), so the printed command runs without activating anything."""
@@ -215,6 +229,11 @@ class MlflowCallback(Callback):
             images for the current model; called after each evaluation.
         pr_curves: returns a matplotlib Figure of the latest evaluation's PR curves (or None).
         log_every_steps: step losses are logged every this many optimizer steps.
+        served_model: (registered name or None, alias) to log the finished run's best checkpoint
+            as its pyfunc model "model" (and register it under the name); None: no model.
+
+    Attributes:
+        logged_model: the served model logged when training finished (``deploy.packaging``).
     """
 
     def __init__(
@@ -227,8 +246,11 @@ class MlflowCallback(Callback):
         overlays: Callable[[], list[tuple[str, np.ndarray]]] | None = None,
         pr_curves: Callable[[], Any] | None = None,
         log_every_steps: int = 10,
+        served_model: tuple[str | None, str] | None = None,
     ) -> None:
         self.config = dict(config)
+        self.served_model = served_model
+        self.logged_model = None
         self.label_map = dict(label_map)
         self.datasets = dict(datasets)
         self.tags = dict(tags)
@@ -287,6 +309,20 @@ class MlflowCallback(Callback):
                 last = shutil.copyfile(trainer.last_checkpoint, Path(tmp) / "last.pt")
                 mlflow.log_artifact(str(last), artifact_path="checkpoints")
         mlflow.set_tag("training_status", status)
+        if status == "finished" and self.served_model is not None:
+            self._log_served_model(trainer)
+
+    def _log_served_model(self, trainer: Trainer) -> None:
+        from deploy.packaging import log_detr_model
+
+        best = trainer.checkpoints.best_path if trainer.checkpoints is not None else None
+        checkpoint = best if best is not None and best.is_file() else trainer.last_checkpoint
+        if checkpoint is None or not checkpoint.is_file():
+            return
+        name, alias = self.served_model
+        self.logged_model = log_detr_model(checkpoint, registered_name=name, alias=alias if name else None)
+        mlflow.set_tags({"served_model_uri": self.logged_model.serving_uri,
+                         "served_checkpoint": checkpoint.name})
 
 
 def plot_loss_curves(history: Mapping[str, list[tuple[int, float]]]):

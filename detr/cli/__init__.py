@@ -269,6 +269,16 @@ def _cmd_train(args) -> None:
 
         hint = ui_command(resolve_tracking_uri(config.tracking.tracking_uri))
         print(f"MLflow run {outcome.run_id}; to look at it: {hint}")
+    if outcome.served_model_uri:
+        _print_serve_hint(outcome.served_model_uri)
+
+
+def _print_serve_hint(model_uri: str) -> None:
+    from detr.tracking import serve_commands
+
+    print(f"the best checkpoint is the pyfunc model {model_uri}; serve it over REST with either of")
+    for command in serve_commands(model_uri):
+        print(f"  {command}")
 
 
 def _cmd_evaluate(args) -> None:
@@ -404,6 +414,8 @@ def _cmd_demo(args) -> None:
     if result.run_id:
         print(f"demo: MLflow run {result.run_id} in {result.tracking_uri}; to look at it, run")
         print(f"  {result.ui_command()}")
+    if result.served_model_uri:
+        _print_serve_hint(result.served_model_uri)
 
 
 DEMO_HEADLINE = ("coco/AP", "coco/AP50", "coco/AP75", "voc/mAP50")

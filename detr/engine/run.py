@@ -39,6 +39,8 @@ class TrainOutcome:
     checkpoint_dir: Path
     last_checkpoint: Path | None
     run_id: str | None
+    # The pyfunc model logged from the best checkpoint (models:/<name>@<alias> when registered).
+    served_model_uri: str | None = None
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -108,7 +110,7 @@ def train_from_config(
 
         trainer = _build_trainer(config, train_set, val_set, label_map, device, dist_ctx, checkpoints,
                                  callbacks, progress)
-        run_id = None
+        run_id = served_model_uri = None
         if track and dist_ctx.is_main:
             from detr.tracking import tracked_run
 
@@ -118,14 +120,18 @@ def train_from_config(
                 run_id = run.info.run_id
                 # Checkpoints name their run: `detr register` logs the model into it.
                 trainer.extra_state["mlflow_run_id"] = run_id
-                trainer.callbacks.append(_mlflow_callback(config, trainer, train_set, val_set))
+                mlflow_callback = _mlflow_callback(config, trainer, train_set, val_set)
+                trainer.callbacks.append(mlflow_callback)
                 trainer.fit(resume_path)
+                if mlflow_callback.logged_model is not None:
+                    served_model_uri = mlflow_callback.logged_model.serving_uri
         else:
             trainer.fit(resume_path)
         state = trainer.state
         return TrainOutcome(epochs=state.epoch, steps=state.step, metrics=dict(state.metrics),
                             best_metric=state.best_metric, checkpoint_dir=checkpoints.directory,
-                            last_checkpoint=trainer.last_checkpoint, run_id=run_id)
+                            last_checkpoint=trainer.last_checkpoint, run_id=run_id,
+                            served_model_uri=served_model_uri)
     finally:
         shutdown_distributed()
 
@@ -235,6 +241,8 @@ def _mlflow_callback(config: Config, trainer: Trainer, train_set: DetectionDatas
         overlays=overlays,
         pr_curves=pr_curves,
         log_every_steps=config.tracking.log_every_steps,
+        served_model=((config.tracking.registered_model, config.tracking.registered_alias)
+                      if config.tracking.log_model else None),
     )
 
 

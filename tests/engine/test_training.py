@@ -236,3 +236,44 @@ def test_mlflow_run_records_params_metrics_artifacts_tags_and_inputs(synth_dir, 
     assert all(i.dataset.digest for i in inputs)
     images = client.list_artifacts(outcome.run_id, "images")
     assert images, "prediction overlays were not logged"
+
+
+def test_a_finished_run_logs_and_registers_its_best_checkpoint_as_the_served_model(synth_dir, tmp_path, monkeypatch):
+    import mlflow
+    import pandas as pd
+
+    from deploy.detector import DetectionParams, Detector
+    from deploy.images import encode_png_base64
+    from detr.data.loader import read_rgb_image
+    from detr.data.formats import load_dataset
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = micro_config(synth_dir, tmp_path / "ckpt", **{
+        "tracking.tracking_uri": uri, "tracking.log_system_metrics": "false", "tracking.num_overlay_images": 0,
+        "tracking.registered_model": "micro", "tracking.registered_alias": "candidate"})
+    outcome = train_from_config(config, progress=False)
+    assert outcome.served_model_uri == "models:/micro@candidate"
+    client = mlflow.MlflowClient(uri)
+    version = client.get_model_version_by_alias("micro", "candidate")
+    assert version.run_id == outcome.run_id
+    run = client.get_run(outcome.run_id)
+    assert run.data.tags["served_model_uri"] == "models:/micro@candidate"
+    assert run.data.tags["served_checkpoint"] == "best.pt"
+    best = outcome.checkpoint_dir / "best.pt"
+    assert load_checkpoint(best)["mlflow_run_id"] == outcome.run_id  # `detr register` finds the run
+
+    record = load_dataset(synth_dir, format="coco", split="val").records[0]
+    pixels = read_rgb_image(record)
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model(outcome.served_model_uri).predict(
+        pd.DataFrame({"image": [encode_png_base64(pixels)]}), params={"score_threshold": 0.0})
+    expected = Detector.from_checkpoint(best).detect([pixels], DetectionParams(score_threshold=0.0))
+    assert served[0]["scores"] == pytest.approx(expected[0]["scores"], rel=1e-6)
+
+
+def test_an_alias_mlflow_would_refuse_is_a_config_error(synth_dir, tmp_path):
+    from detr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="registered_alias 'latest'"):
+        micro_config(synth_dir, tmp_path / "ckpt", **{"tracking.registered_alias": "latest"})
