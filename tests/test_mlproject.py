@@ -92,6 +92,14 @@ def test_train_command_reaches_the_cli_with_the_same_overrides(overrides, tmp_pa
     load_config(args.config, _overrides(args))  # valid for the config schema
 
 
+def test_register_command_reaches_the_cli(tmp_path):
+    command = load_mlproject().get_entry_point("register").compute_command(
+        {"checkpoint": str(tmp_path / "best.pt"), "name": "shapes"}, storage_dir=None)
+    args = _parser().parse_args(shlex.split(command)[3:])
+    assert args.command == "register" and args.checkpoint == tmp_path / "best.pt"
+    assert (args.name, args.alias) == ("shapes", "champion")
+
+
 def test_evaluate_command_reaches_the_cli(tmp_path):
     command = load_mlproject().get_entry_point("evaluate").compute_command(
         {"checkpoint": str(tmp_path / "best.pt"), "config": "configs/detr_tiny.yaml",
