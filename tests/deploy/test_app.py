@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from deploy.detector import DetectionParams, Detector
-from tests.deploy.conftest import CLASSES, VENV_BIN, free_port, server_process
+from tests.deploy.conftest import CLASSES
+from tests.servers import VENV_BIN, free_port, server_process
 
 MAX_BODY_BYTES = 512 * 1024
 

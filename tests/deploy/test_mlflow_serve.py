@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from deploy.images import encode_png_base64
-from tests.deploy.conftest import VENV_BIN, free_port, server_process
+from tests.servers import VENV_BIN, free_port, server_process
 
 pytestmark = pytest.mark.slow
 

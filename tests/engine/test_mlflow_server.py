@@ -9,43 +9,15 @@ through ``MLFLOW_TRACKING_URI``.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from detr.data.synth import generate_synthetic_dataset
 from detr.engine.checkpoint import load_checkpoint
-
-VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_health(url: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"mlflow server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+from tests.servers import VENV_BIN, free_port, server_process
 
 
 @pytest.fixture
@@ -54,29 +26,14 @@ def mlflow_server(tmp_path):
     port = free_port()
     artifacts = tmp_path / "server" / "artifacts"
     artifacts.mkdir(parents=True)
-    log = tmp_path / "server" / "server.log"
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
     command = [str(VENV_BIN / "mlflow"), "server",
                "--backend-store-uri", f"sqlite:///{tmp_path / 'server' / 'db.sqlite'}",
                "--artifacts-destination", str(artifacts),
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with log.open("w") as out:
-        # Its own session: the server's worker processes are stopped with it, by process group.
-        server = subprocess.Popen(command, cwd=tmp_path / "server", env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_health(url, server, log)
+    url = f"http://127.0.0.1:{port}"
+    with server_process(command, ready_url=f"{url}/health", log=tmp_path / "server" / "server.log",
+                        cwd=tmp_path / "server", timeout=120):
         yield url, artifacts
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
 
 
 @pytest.mark.slow
@@ -125,6 +82,10 @@ def test_cli_training_logs_params_metrics_and_checkpoint_to_a_tracking_server(ml
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), run.info.artifact_uri
     assert run.data.params["train.batch_size"] == "3" and run.data.params["model.hidden_dim"] == "32"
     assert run.data.metrics["epoch"] == 1.0
+    # The finished run's served model went through the server too and loads back from it.
+    assert run.data.tags["served_model_uri"].startswith("models:/m-")
+    mlflow.set_tracking_uri(url)
+    assert mlflow.models.get_model_info(run.data.tags["served_model_uri"]).signature.inputs.input_names() == ["image"]
     assert {"train/loss", "train/lr", "coco/AP", "voc/mAP50"} <= run.data.metrics.keys()
 
     listed = {f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")}
