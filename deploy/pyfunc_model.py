@@ -54,21 +54,19 @@ class DetrPythonModel(mlflow.pyfunc.PythonModel):
 
 
 def _image_column(model_input: Any) -> list:
-    if isinstance(model_input, pd.DataFrame):
-        if IMAGE_COLUMN not in model_input.columns:
-            raise InvalidInputError(f"the input has no column {IMAGE_COLUMN!r} (columns: {list(map(str, model_input.columns))}); "
-                           f"send one row per image with the base64 JPEG/PNG in {IMAGE_COLUMN!r}")
-        values = model_input[IMAGE_COLUMN].tolist()
-    elif isinstance(model_input, dict) and IMAGE_COLUMN in model_input:
-        raw = model_input[IMAGE_COLUMN]
-        values = [raw] if isinstance(raw, str) else list(raw)
-    else:
-        raise InvalidInputError(f"expected a DataFrame with a string column {IMAGE_COLUMN!r}, got {type(model_input).__name__}")
+    if not isinstance(model_input, pd.DataFrame):
+        raise InvalidInputError(
+            f"expected a DataFrame with a string column {IMAGE_COLUMN!r}, got {type(model_input).__name__}")
+    if IMAGE_COLUMN not in model_input.columns:
+        raise InvalidInputError(
+            f"the input has no column {IMAGE_COLUMN!r} (columns: {list(map(str, model_input.columns))}); "
+            f"send one row per image with the base64 JPEG/PNG in {IMAGE_COLUMN!r}")
+    values = model_input[IMAGE_COLUMN].tolist()
     if not values:
         raise InvalidInputError("the request holds no image: send at least one row")
     if len(values) > MAX_IMAGES_PER_REQUEST:
-        raise InvalidInputError(f"the request holds {len(values)} images; at most {MAX_IMAGES_PER_REQUEST} per request "
-                       "(DETR_SERVE_MAX_IMAGES)")
+        raise InvalidInputError(f"the request holds {len(values)} images; at most {MAX_IMAGES_PER_REQUEST} per "
+                                "request (DETR_SERVE_MAX_IMAGES)")
     return values
 
 

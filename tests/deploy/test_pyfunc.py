@@ -79,6 +79,21 @@ def test_bad_requests_raise_invalid_parameter_value(registered_model, request_im
     assert info.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
+def test_direct_calls_check_the_input_and_the_image_count(registered_model, request_images, monkeypatch):
+    import deploy.pyfunc_model
+
+    python_model = mlflow.pyfunc.load_model(registered_model.serving_uri).unwrap_python_model()
+    with pytest.raises(MlflowException, match="no column 'image' \\(columns: \\['picture'\\]\\)"):
+        python_model.predict(None, pd.DataFrame({"picture": ["x"]}))
+    with pytest.raises(MlflowException, match="expected a DataFrame with a string column 'image', got list"):
+        python_model.predict(None, ["x"])
+    monkeypatch.setattr(deploy.pyfunc_model, "MAX_IMAGES_PER_REQUEST", 2)
+    with pytest.raises(MlflowException, match="holds 3 images; at most 2 per request"):
+        python_model.predict(None, frame(request_images))
+    with pytest.raises(MlflowException, match="unknown params \\['threshold'\\]"):
+        python_model.predict(None, frame(request_images[:1]), params={"threshold": 0.2})
+
+
 def test_logged_model_loads_without_the_source_tree(registered_model, request_images, tmp_path):
     """Load the downloaded model in a fresh interpreter elsewhere, with the editable install of
     this package disabled: the code must come from the model's own code/ directory."""
