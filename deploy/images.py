@@ -81,7 +81,8 @@ def decode_image_bytes(data: bytes, *, where: str, limits: ImageLimits = ImageLi
                 )
             pixels = np.asarray(image.convert("RGB"))  # [H, W, 3] uint8
     except UnidentifiedImageError:
-        raise InvalidInputError(f"{where}: not an image PIL can read (send JPEG, PNG or another common format)") from None
+        raise InvalidInputError(
+            f"{where}: not an image PIL can read (send JPEG, PNG or another common format)") from None
     except DECODE_ERRORS as e:
         raise InvalidInputError(f"{where}: the image is damaged or truncated ({e})") from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
