@@ -19,11 +19,11 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 import deploy
 import detr
-from deploy.detector import DEFAULT_SCORE_THRESHOLD
+from deploy.detector import DetectionParams
 from deploy.images import encode_png_base64
 from deploy.pyfunc_model import CHECKPOINT_ARTIFACT, IMAGE_COLUMN
-from detr.engine.checkpoint import load_checkpoint, save_checkpoint
 from deploy.registry import check_alias, register
+from detr.engine.checkpoint import load_checkpoint, save_checkpoint
 from detr.errors import CheckpointError, InvalidInputError
 
 # What the model's code imports at serving time (pinned to this environment's versions).
@@ -50,12 +50,14 @@ class LoggedDetrModel:
 
 
 def signature() -> ModelSignature:
+    """The image column and the declared params (with the defaults a request without them gets)."""
+    defaults = DetectionParams()
     return ModelSignature(
         inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
         params=ParamSchema([
-            ParamSpec("score_threshold", "double", DEFAULT_SCORE_THRESHOLD),
-            ParamSpec("max_detections", "long", 100),
-            ParamSpec("box_format", "string", "xyxy"),
+            ParamSpec("score_threshold", "double", defaults.score_threshold),
+            ParamSpec("max_detections", "long", defaults.max_detections),
+            ParamSpec("box_format", "string", defaults.box_format),
         ]),
     )
 
