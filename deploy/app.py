@@ -23,12 +23,13 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from deploy.detector import BOX_FORMATS, DEFAULT_SCORE_THRESHOLD, MAX_DETECTIONS_LIMIT, DetectionParams, Detector
+from deploy.detector import BOX_FORMATS, MAX_DETECTIONS_LIMIT, DetectionParams, Detector
 from deploy.images import ImageLimits, decode_image_bytes
 from detr.errors import DetrError, InvalidInputError
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_IMAGES = 16
+_DEFAULTS = DetectionParams()
 
 
 def load_detector(source: str | Path, *, device: str = "cpu") -> Detector:
@@ -153,9 +154,9 @@ def create_app(
     @app.post("/model/predict", summary="detect objects in one or more uploaded images")
     def predict(
         image: Annotated[list[UploadFile], File(description="image files (JPEG, PNG, ...); repeat for several")],
-        score_threshold: Annotated[float, Query(ge=0.0, le=1.0)] = DEFAULT_SCORE_THRESHOLD,
-        max_detections: Annotated[int, Query(ge=1, le=MAX_DETECTIONS_LIMIT)] = 100,
-        box_format: Annotated[Literal[BOX_FORMATS], Query()] = "xyxy",
+        score_threshold: Annotated[float, Query(ge=0.0, le=1.0)] = _DEFAULTS.score_threshold,
+        max_detections: Annotated[int, Query(ge=1, le=MAX_DETECTIONS_LIMIT)] = _DEFAULTS.max_detections,
+        box_format: Annotated[Literal[BOX_FORMATS], Query()] = _DEFAULTS.box_format,
     ) -> dict[str, Any]:
         if len(image) > max_images:
             raise InvalidInputError(f"{len(image)} images in one request; at most {max_images}")

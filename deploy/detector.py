@@ -27,7 +27,6 @@ from detr.errors import InvalidInputError
 from detr.models.postprocess import PostProcess
 
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
-DEFAULT_SCORE_THRESHOLD = 0.5
 MAX_DETECTIONS_LIMIT = 1000
 
 
@@ -36,7 +35,7 @@ class DetectionParams:
     """Per-request settings. ``box_format``: xyxy (corners), xywh (COCO: top-left corner, width,
     height) or cxcywh (centre, width, height), all in pixels of the original image."""
 
-    score_threshold: float = DEFAULT_SCORE_THRESHOLD
+    score_threshold: float = 0.5
     max_detections: int = 100
     box_format: str = "xyxy"
 

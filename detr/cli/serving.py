@@ -41,9 +41,10 @@ def _add_serving_commands(commands) -> None:
                   "detr predict best.pt images/*.png --json detections.json --draw outputs/drawn"])
     p.add_argument("model", help="checkpoint file or MLflow model URI")
     p.add_argument("images", type=Path, nargs="+")
-    p.add_argument("--score-threshold", type=float, default=0.5)
-    p.add_argument("--max-detections", type=int, default=100)
-    p.add_argument("--box-format", default="xyxy", choices=("xyxy", "xywh", "cxcywh"))
+    p.add_argument("--score-threshold", type=float, help="keep detections scoring at least this (default 0.5)")
+    p.add_argument("--max-detections", type=int, help="at most this many per image, best first (default 100)")
+    p.add_argument("--box-format", choices=("xyxy", "xywh", "cxcywh"),
+                   help="xyxy corners (default), xywh (COCO) or cxcywh, in pixels of the image")
     p.add_argument("--json", type=Path, help="write the detections to this file (default: print them)")
     p.add_argument("--draw", type=Path, metavar="DIR", help="also save each image with its detections drawn")
     p.set_defaults(func=_cmd_predict)
@@ -88,8 +89,9 @@ def _cmd_predict(args) -> None:
     from deploy.images import decode_image_bytes
     from detr.tracking import use_tracking_uri
 
-    params = DetectionParams(score_threshold=args.score_threshold, max_detections=args.max_detections,
-                             box_format=args.box_format)
+    given = {"score_threshold": args.score_threshold, "max_detections": args.max_detections,
+             "box_format": args.box_format}
+    params = DetectionParams(**{k: v for k, v in given.items() if v is not None})
     for path in args.images:
         if not path.is_file():
             raise InvalidInputError(f"{path}: image file not found")
@@ -101,7 +103,7 @@ def _cmd_predict(args) -> None:
         (record,) = detector.detect([pixels], params)
         results.append({"image": str(path), **record})
         if args.draw is not None:
-            _draw(pixels, record, args.box_format, args.draw / f"{path.stem}.png")
+            _draw(pixels, record, params.box_format, args.draw / f"{path.stem}.png")
     text = json.dumps(results, indent=2)
     if args.json is None:
         print(text)
