@@ -110,6 +110,19 @@ def test_evaluate_command_reaches_the_cli(tmp_path):
     assert _overrides(args) == ["data.num_workers=0"]
 
 
+def test_tune_command_reaches_the_cli():
+    command = load_mlproject().get_entry_point("tune").compute_command(
+        {"config": "configs/detr_tiny.yaml", "space": "configs/tune/tiny_lr.yaml", "samples": "4",
+         "overrides": "train.epochs=2 data.num_workers=0"}, storage_dir=None)
+    args = _parser().parse_args(shlex.split(command)[3:])
+    assert args.command == "tune" and args.config == Path("configs/detr_tiny.yaml")
+    assert args.space == Path("configs/tune/tiny_lr.yaml") and args.samples == 4
+    assert _overrides(args) == ["train.epochs=2", "data.num_workers=0"]
+    # The search's parameters are the space file's, not the entry point's.
+    assert set(yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["tune"]["parameters"]) == {
+        "config", "space", "samples", "overrides"}
+
+
 # ---------------------------------------------------------------------------------------------
 # `mlflow run` end to end
 # ---------------------------------------------------------------------------------------------

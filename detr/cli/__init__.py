@@ -16,6 +16,7 @@ from pathlib import Path
 from detr.cli.checkpoints import _add_convert_command
 from detr.cli.common import _command, _examples
 from detr.cli.serving import _add_serving_commands
+from detr.cli.tune import _add_tune_command
 from detr.errors import DetrError
 
 FORMATS = ("coco", "voc", "yolo", "kitti")
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_convert_command(commands)
     _add_demo_command(commands)
     _add_serving_commands(commands)
+    _add_tune_command(commands)
     return parser
 
 
