@@ -338,19 +338,25 @@ def config_from_dict(raw: Mapping[str, Any], *, source: str = "<dict>") -> Confi
         raise ConfigError(_describe_validation_error(e, source)) from None
 
 
-def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, *, what: str = "config file") -> Any:
+    """``yaml.safe_load`` of a file; a missing, unreadable or malformed file is a ConfigError that
+    names the file (and the line and column of a YAML error)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+        raise ConfigError(f"{path}: cannot read {what} ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

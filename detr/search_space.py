@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from detr.config import Config, config_from_dict
+from detr.config import Config, config_from_dict, read_yaml
 from detr.errors import ConfigError
 
 # Set by the search itself, never by the space: each trial trains in its own checkpoint directory,
@@ -204,18 +203,7 @@ def apply_overrides(config: Config, overrides: Mapping[str, Any], *, source: str
 
 def load_search_space(path: str | Path) -> SearchSpace:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: search space file not found (e.g. configs/tune/tiny_lr.yaml)") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read search space file ({e.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = read_yaml(path, what="search space file")
     return search_space_from_dict(raw, source=str(path))
 
 

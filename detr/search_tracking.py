@@ -10,7 +10,6 @@ public attributes only and does not import ray.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import mlflow
 from detr.config import Config
 from detr.errors import DetrError, InvalidInputError
 from detr.search_space import SearchSpace
-from detr.tracking import metric_key, use_tracking_uri
+from detr.tracking import metric_key, tracked_run, use_tracking_uri
 
 PLOT_ARTIFACT = "plots/metric_vs_epoch.png"
 TRIAL_ID_TAG = "search.trial_id"  # on each child run: the Ray trial it records
@@ -94,29 +93,15 @@ def sweep_run(config: Config, space: SearchSpace, *, name: str, experiment_path:
               resumed_run_id: str | None = None) -> Iterator[str]:
     """The sweep's MLflow run: started here, reopened when resuming, or the run ``mlflow run -e
     tune`` started (MLFLOW_RUN_ID). Ends as FINISHED, KILLED (interrupted) or FAILED."""
-    previous_experiment_env = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    use_tracking_uri(config.tracking.tracking_uri)
-    if resumed_run_id is None and "MLFLOW_RUN_ID" not in os.environ:
-        mlflow.set_experiment(config.tracking.experiment)
-    run = mlflow.start_run(run_id=resumed_run_id, run_name=None if resumed_run_id else name, log_system_metrics=False)
-    status = "FAILED"
-    try:
+    tracking = config.tracking
+    with tracked_run(tracking_uri=tracking.tracking_uri, experiment=tracking.experiment, run_name=name,
+                     log_system_metrics=False, run_id=resumed_run_id) as run:
         mlflow.set_tags({SEARCH_PATH_TAG: experiment_path, "search.name": name, "search.space_file": space.source})
         if resumed_run_id is None:
             mlflow.log_params(definition)
             mlflow.log_dict(space.to_dict(), "search/search_space.yaml")
             mlflow.log_dict(config.to_dict(), "search/base_config.json")
         yield run.info.run_id
-        status = "FINISHED"
-    except (KeyboardInterrupt, SearchInterrupted):
-        status = "KILLED"
-        raise
-    finally:
-        mlflow.end_run(status=status)
-        if previous_experiment_env is None:
-            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-        else:
-            os.environ["MLFLOW_EXPERIMENT_ID"] = previous_experiment_env
 
 
 def child_runs(sweep_run_id: str) -> dict[str, str]:

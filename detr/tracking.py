@@ -58,21 +58,25 @@ def tracked_run(
     run_name: str | None = None,
     log_system_metrics: bool = True,
     tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start (or attach to, under ``mlflow run``) a run; ends it with the right status."""
+    """Start a run (or reopen ``run_id``, or attach to the run ``mlflow run`` started); end it as
+    FINISHED, KILLED (Ctrl-C, or an error with the interrupt exit code 130) or FAILED."""
     # mlflow.set_experiment also exports MLFLOW_EXPERIMENT_ID; restored afterwards so that a later
     # `mlflow run` or child process of the same program does not inherit a stale experiment.
     previous_experiment_env = os.environ.get("MLFLOW_EXPERIMENT_ID")
     use_tracking_uri(tracking_uri)
-    if "MLFLOW_RUN_ID" not in os.environ:
+    if run_id is None and "MLFLOW_RUN_ID" not in os.environ:
         mlflow.set_experiment(experiment)
-    run = mlflow.start_run(run_name=run_name, log_system_metrics=log_system_metrics, tags=dict(tags or {}))
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                           log_system_metrics=log_system_metrics, tags=dict(tags or {}))
     status = "FAILED"
     try:
         yield run
         status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", None) == 130:
+            status = "KILLED"
         raise
     finally:
         mlflow.end_run(status=status)

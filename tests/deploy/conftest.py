@@ -57,9 +57,14 @@ def tracking_uri(tmp_path_factory) -> Iterator[str]:
     """A fresh SQLite tracking store for the session, also in MLFLOW_TRACKING_URI for child processes."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    store = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    # Its own experiment with artifacts under the store: the Default experiment would put the logged
+    # models in ./mlruns of the working directory (the checkout).
+    mlflow.MlflowClient(uri).create_experiment("deploy-tests", artifact_location=str(store / "artifacts"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MLFLOW_EXPERIMENT_NAME", "deploy-tests")
         patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         previous = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(uri)
