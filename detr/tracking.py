@@ -94,29 +94,34 @@ def ui_command(tracking_uri: str) -> str:
 
 
 def serve_commands(model_uri: str, *, port: int = 5000) -> list[str]:
-    """What to run to serve ``model_uri`` over REST: MLflow's scoring server and this package's app.
-    ``mlflow models serve --env-manager local`` starts ``uvicorn`` by name, so the environment's
-    bin/ must be on PATH: the command says so when it is not."""
+    """What to run to serve ``model_uri`` over REST: MLflow's scoring server and this package's app,
+    with this environment's executables. ``mlflow models serve --env-manager local`` starts
+    ``uvicorn`` by name, so the environment's bin/ goes on PATH for it (a shell that did not activate
+    the environment, e.g. after ``make demo``, would not find it)."""
     bin_dir = Path(sys.executable).parent
-    on_path = str(bin_dir) in os.environ.get("PATH", "").split(os.pathsep)
-    prefix = "" if on_path else f"PATH={shlex.quote(str(bin_dir))}:$PATH "
+    try:
+        shown = f"$PWD/{bin_dir.relative_to(Path.cwd())}"
+    except ValueError:
+        shown = str(bin_dir)
     detr = bin_dir / "detr"
-    detr_command = shlex.quote(str(detr)) if detr.is_file() and not on_path else "detr"
+    detr_command = _relative_to_cwd(detr) if detr.is_file() else "detr"
     quoted = shlex.quote(model_uri)
-    return [f"{prefix}{mlflow_executable()} models serve -m {quoted} --env-manager local --port {port}",
+    return [f'PATH="{shown}:$PATH" {mlflow_executable()} models serve -m {quoted} --env-manager local --port {port}',
             f"{detr_command} serve {quoted} --port {port + 1}"]
+
+
+def _relative_to_cwd(path: Path) -> str:
+    try:
+        return shlex.quote(str(path.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(path))
 
 
 def mlflow_executable() -> str:
     """The ``mlflow`` installed next to this Python (e.g. ``.venv/bin/mlflow``, relative to the
     working directory when inside it), so the printed command runs without activating anything."""
     candidate = Path(sys.executable).parent / "mlflow"
-    if not candidate.is_file():
-        return "mlflow"
-    try:
-        return shlex.quote(str(candidate.relative_to(Path.cwd())))
-    except ValueError:
-        return shlex.quote(str(candidate))
+    return _relative_to_cwd(candidate) if candidate.is_file() else "mlflow"
 
 
 def log_evaluation_to_project_run(metrics: Mapping[str, float], *, checkpoint: str | Path, split: str) -> str | None:
