@@ -1,4 +1,7 @@
-"""`detr <command>`: the only argparse in the package.
+"""`detr <command>`: the parser and the data, config, train, ops, doctor and demo commands.
+
+The ``detr.cli`` package is the only argparse in the project; ``checkpoints``, ``serving`` and
+``tune`` add their commands to this parser.
 
 Each command turns its arguments (and a config, where it takes one) into calls of the library API;
 no logic lives here beyond that. A ``DetrError`` is printed on one line and exits with status 2.
@@ -421,8 +424,6 @@ def _cmd_demo(args) -> None:
 
 
 DEMO_HEADLINE = ("coco/AP", "coco/AP50", "coco/AP75", "voc/mAP50")
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from detr.config import Config, load_config
-from detr.data.synth import generate_synthetic_dataset
 from detr.engine.checkpoint import load_checkpoint
 from detr.engine.run import evaluate_checkpoint, train_from_config
 from detr.engine.trainer import NonFiniteLossError
@@ -24,12 +23,9 @@ from detr.errors import CheckpointError, DatasetFormatError
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "synth"
-    generate_synthetic_dataset(out, format="coco", num_images=12, seed=3, image_size=(96, 96), val_fraction=0.25,
-                               progress=False)
-    return out
+@pytest.fixture(scope="session")
+def synth_dir(micro_synth_dir) -> Path:
+    return micro_synth_dir
 
 
 def micro_overrides(synth_dir: Path, checkpoint_dir: Path, **extra) -> list[str]:

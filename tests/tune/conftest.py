@@ -9,19 +9,15 @@ from pathlib import Path
 import pytest
 
 from detr.config import Config, load_config
-from detr.data.synth import generate_synthetic_dataset
 from tests.engine.test_training import micro_overrides
 
 EXPERIMENT = "search-tests"
 
 
 @pytest.fixture(scope="session")
-def micro_data(tmp_path_factory) -> Path:
-    """12 shapes images of 96x96: 9 train (3 steps of 3 per epoch), 3 val."""
-    out = tmp_path_factory.mktemp("data") / "synth"
-    generate_synthetic_dataset(out, format="coco", num_images=12, seed=3, image_size=(96, 96), val_fraction=0.25,
-                               progress=False)
-    return out
+def micro_data(micro_synth_dir) -> Path:
+    """The shared micro dataset (tests/conftest.py): 9 train, 3 val images."""
+    return micro_synth_dir
 
 
 def micro_search_config(data: Path, tmp_path: Path, tracking_uri: str, **extra) -> Config:
