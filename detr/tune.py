@@ -309,10 +309,16 @@ def _train_trial(sampled: dict[str, Any], *, base_config: dict, fixed: dict[str,
     if restored is not None:
         with restored.as_directory() as directory:
             resume = Path(shutil.copy2(Path(directory) / CHECKPOINT_FILE, scratch / "restored.pt"))
-    overrides = {**fixed, **sampled, "train.checkpoint.dir": str(scratch)}
+    # keep_last 1: the epoch checkpoints Tune keeps are copies in its storage, not these files.
+    overrides = {**fixed, **sampled, "train.checkpoint.dir": str(scratch), "train.checkpoint.keep_last": 1}
     config = _absolute_paths(apply_overrides(config_from_dict(base_config), overrides,
                                              source=f"trial {context.get_trial_name()}"), Path(root))
-    train_from_config(config, resume=resume, callbacks=[_ReportEachEpoch(metric)], track=False, progress=False)
+    try:
+        train_from_config(config, resume=resume, callbacks=[_ReportEachEpoch(metric)], track=False, progress=False)
+    finally:
+        # Ray never deletes its session directories (/tmp/ray): without this every trial would
+        # leave a few hundred MB of checkpoints there for good.
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _absolute_paths(config: Config, root: Path) -> Config:
