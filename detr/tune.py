@@ -29,7 +29,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +103,6 @@ def run_search(
                   "search.trials": num_samples * space.grid_size(), "search.max_epochs": max_epochs,
                   "search.grace_period": grace_period, "search.reduction_factor": float(reduction_factor),
                   "search.config_digest": _digest(config.to_dict()), "search.space_digest": space.digest()}
-    trainable = tune.with_resources(
-        tune.with_parameters(_train_trial, base_config=config.to_dict(), fixed=space.fixed, metric=metric,
-                             root=str(Path.cwd())),
-        resources,
-    )
     exists = tune.Tuner.can_restore(experiment_path)
     if resume and not exists:
         raise InvalidInputError(f"--resume: no search named {name!r} in {storage} to continue")
@@ -116,7 +111,16 @@ def run_search(
                                 f"--resume --name {name}, or give another --name")
     resumed_run_id = resumed_sweep_run(config, name=name, experiment_path=experiment_path,
                                        definition=definition) if resume else None
-    with _ray_connection(address, resources):
+    # Trials on this machine keep their scratch checkpoints in one directory the driver deletes at
+    # the end (Ray stops a finished trial right after its last report, before it could clean up);
+    # on a cluster each trial uses its own working directory on its node.
+    local = not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
+    with (_scratch_directory(name) if local else nullcontext()) as scratch_root, _ray_connection(address, resources):
+        trainable = tune.with_resources(
+            tune.with_parameters(_train_trial, base_config=config.to_dict(), fixed=space.fixed, metric=metric,
+                                 root=str(Path.cwd()), scratch_root=scratch_root),
+            resources,
+        )
         with sweep_run(config, space, name=name, experiment_path=experiment_path, definition=definition,
                        resumed_run_id=resumed_run_id) as sweep_run_id:
             if progress:
@@ -292,16 +296,25 @@ def _check_local_resources(resources: Mapping[str, float]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _scratch_directory(name: str) -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix=f"detr-tune-{name}-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _train_trial(sampled: dict[str, Any], *, base_config: dict, fixed: dict[str, Any], metric: str,
-                 root: str) -> None:
+                 root: str, scratch_root: str | None) -> None:
     from detr.engine.run import train_from_config
 
     context = tune.get_context()
-    # Tune runs each trial in a working directory of its own; the trial id keeps the directory
-    # unique even when RAY_CHDIR_TO_TRIAL_DIR=0 shares one. The checkpoints that matter are the ones
-    # reported to Tune: this directory is scratch, and a trial restarted without a checkpoint starts
-    # over, so whatever an earlier attempt left in it goes.
-    scratch = Path.cwd() / "checkpoints" / context.get_trial_id()
+    # The checkpoints that matter are the ones reported to Tune: the trainer's own are scratch, in
+    # the driver's scratch directory or else the trial's working directory (the trial id keeps the
+    # path unique even when RAY_CHDIR_TO_TRIAL_DIR=0 shares one). A trial restarted without a
+    # checkpoint starts over, so whatever an earlier attempt left there goes.
+    scratch = (Path(scratch_root) if scratch_root else Path.cwd() / "checkpoints") / context.get_trial_id()
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     resume = None
@@ -316,8 +329,8 @@ def _train_trial(sampled: dict[str, Any], *, base_config: dict, fixed: dict[str,
     try:
         train_from_config(config, resume=resume, callbacks=[_ReportEachEpoch(metric)], track=False, progress=False)
     finally:
-        # Ray never deletes its session directories (/tmp/ray): without this every trial would
-        # leave a few hundred MB of checkpoints there for good.
+        # Reached when the trial fails or ends between reports; Ray never deletes its session
+        # directories (/tmp/ray), where a cluster trial's scratch lives.
         shutil.rmtree(scratch, ignore_errors=True)
 
 
