@@ -161,6 +161,12 @@ class DeformableConfig(Section):
     two_stage_num_proposals: PositiveInt | None = None
 
 
+class DetrConfig(Section):
+    # Queries from the top encoder proposals instead of learned ones (detr/models/detr.py says
+    # how); learns in far fewer steps, but official DETR checkpoints have no such heads.
+    two_stage: bool = False
+
+
 class MatcherConfig(Section):
     cost_class: Annotated[float, Field(ge=0)] = 1.0
     cost_bbox: Annotated[float, Field(ge=0)] = 5.0
@@ -193,6 +199,7 @@ class ModelConfig(Section):
     aux_loss: bool = True
     # Detections kept per image by the post-processing (Deformable DETR: top-k over queries x classes).
     max_detections: PositiveInt = 100
+    detr: DetrConfig = DetrConfig()
     deformable: DeformableConfig = DeformableConfig()
     matcher: MatcherConfig = MatcherConfig()
     loss: LossConfig = LossConfig()

@@ -229,6 +229,8 @@ def _mlflow_callback(config: Config, trainer: Trainer, train_set: DetectionDatas
     if config.model.arch == "deformable_detr":
         variant += "+refine" if config.model.deformable.with_box_refine else ""
         variant += "+two_stage" if config.model.deformable.two_stage else ""
+    elif config.model.detr.two_stage:
+        variant += "+two_stage"
     return MlflowCallback(
         config=config.to_dict(),
         label_map=train_set.label_map.to_dict(),

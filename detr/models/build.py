@@ -56,7 +56,7 @@ def build_criterion(model_config: Config | ModelConfig, num_classes: int) -> Set
         mc.loss.bbox_loss_coef,
         mc.loss.giou_loss_coef,
         num_aux_layers=mc.dec_layers - 1 if mc.aux_loss else 0,
-        two_stage=focal and mc.deformable.two_stage,
+        two_stage=_two_stage(mc),
     )
     return SetCriterion(
         num_classes,
@@ -66,6 +66,7 @@ def build_criterion(model_config: Config | ModelConfig, num_classes: int) -> Set
         eos_coef=mc.loss.eos_coef,
         focal_alpha=mc.loss.focal_alpha,
         focal_gamma=mc.loss.focal_gamma,
+        class_agnostic_encoder=focal,
     )
 
 
@@ -85,7 +86,7 @@ def _build_detr(mc: ModelConfig, num_classes: int) -> DETR:
         dropout=mc.dropout,
         normalize_before=mc.pre_norm,
     )
-    return DETR(backbone, transformer, num_classes, mc.num_queries, aux_loss=mc.aux_loss)
+    return DETR(backbone, transformer, num_classes, mc.num_queries, aux_loss=mc.aux_loss, two_stage=mc.detr.two_stage)
 
 
 def _build_deformable_detr(mc: ModelConfig, num_classes: int) -> DeformableDETR:
@@ -127,6 +128,10 @@ def _build_backbone(mc: ModelConfig, *, num_levels: int, deformable: bool) -> Jo
         weights=b.weights,
     )
     return Joiner(body, build_position_encoding(mc.position_encoding, mc.hidden_dim, deformable=deformable))
+
+
+def _two_stage(mc: ModelConfig) -> bool:
+    return mc.deformable.two_stage if mc.arch == "deformable_detr" else mc.detr.two_stage
 
 
 def _model_section(config: Config | ModelConfig) -> ModelConfig:

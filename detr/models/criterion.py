@@ -10,7 +10,9 @@ the two-stage encoder proposals ``_enc``):
     loss_giou   1 - GIoU of matched boxes / number of boxes.
 Logged only (no gradient, final layer only): class_error (% of matched predictions with the wrong
 top class) and cardinality_error (|predicted objects - target objects| per image).
-The two-stage encoder loss uses class-agnostic targets (every label 0: "an object"), as the paper.
+The two-stage encoder loss of Deformable DETR uses class-agnostic targets (every label 0: "an
+object"), as the paper; two-stage DETR's encoder head learns the real classes (its top classes pick
+the queries).
 The number of boxes is averaged over processes when torch.distributed is initialised.
 
 Gradient accumulation: given ``step_targets`` (every target of the optimizer step), each loss is
@@ -51,6 +53,8 @@ class SetCriterion(nn.Module):
         class_loss: "ce" (DETR, logits [B, Q, K + 1]) or "focal" (Deformable DETR, logits [B, Q, K]).
         eos_coef: weight of the no-object class in the cross-entropy.
         focal_alpha, focal_gamma: focal loss parameters.
+        class_agnostic_encoder: the ``enc_outputs`` loss with every target labelled 0 (two-stage
+            Deformable DETR) rather than with its class (two-stage DETR).
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class SetCriterion(nn.Module):
         eos_coef: float = 0.1,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        class_agnostic_encoder: bool = True,
     ) -> None:
         super().__init__()
         if class_loss not in ("ce", "focal"):
@@ -74,6 +79,7 @@ class SetCriterion(nn.Module):
         self.eos_coef = eos_coef
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.class_agnostic_encoder = class_agnostic_encoder
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
@@ -97,21 +103,21 @@ class SetCriterion(nn.Module):
         """
         device = outputs["pred_logits"].device
         num_boxes = average_num_boxes(targets if step_targets is None else step_targets, device)
-        # The cross-entropy's normalizer for the whole step (None: this batch's own weighted mean).
-        class_weight = None if step_targets is None else self._class_weight_total(
-            step_targets, num_queries=outputs["pred_logits"].shape[1])
-        norms = (num_boxes, class_weight)
         losses: dict[str, torch.Tensor] = {}
         indices = self.matcher(outputs, targets)
-        losses.update(self._set_losses(outputs, targets, indices, *norms, suffix=""))
+        losses.update(self._set_losses(outputs, targets, indices, num_boxes, step_targets, suffix=""))
         losses.update(self._logged_errors(outputs, targets, indices))
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self._set_losses(aux, targets, self.matcher(aux, targets), *norms, suffix=f"_{i}"))
+            losses.update(self._set_losses(aux, targets, self.matcher(aux, targets), num_boxes, step_targets,
+                                           suffix=f"_{i}"))
         if "enc_outputs" in outputs:
             enc = outputs["enc_outputs"]
-            bin_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            enc_indices = self.matcher(enc, bin_targets)
-            losses.update(self._set_losses(enc, bin_targets, enc_indices, *norms, suffix="_enc"))
+            enc_targets, enc_step_targets = targets, step_targets
+            if self.class_agnostic_encoder:
+                enc_targets = _class_agnostic(targets)
+                enc_step_targets = None if step_targets is None else _class_agnostic(step_targets)
+            enc_indices = self.matcher(enc, enc_targets)
+            losses.update(self._set_losses(enc, enc_targets, enc_indices, num_boxes, enc_step_targets, suffix="_enc"))
         unweighted = sorted(k for k in losses if k.startswith("loss_") and k not in self.weight_dict)
         if unweighted:
             raise ValueError(f"loss terms {unweighted} have no weight: the criterion was built for another model "
@@ -120,9 +126,13 @@ class SetCriterion(nn.Module):
         return losses
 
     def _set_losses(
-        self, outputs: dict, targets: list[dict], indices, num_boxes: torch.Tensor, class_weight: float | None,
-        suffix: str,
+        self, outputs: dict, targets: list[dict], indices, num_boxes: torch.Tensor,
+        step_targets: list[dict] | None, suffix: str,
     ) -> dict:
+        # The cross-entropy's normalizer for the whole step (None: this batch's own weighted mean),
+        # for this set's number of predictions (Q queries, or S encoder positions).
+        class_weight = None if step_targets is None else self._class_weight_total(
+            step_targets, num_queries=outputs["pred_logits"].shape[1])
         return {
             "loss_ce" + suffix: self.loss_labels(outputs, targets, indices, num_boxes, class_weight),
             **{k + suffix: v for k, v in self.loss_boxes(outputs, targets, indices, num_boxes).items()},
@@ -200,6 +210,10 @@ def average_num_boxes(targets: list[dict], device: torch.device) -> torch.Tensor
         dist.all_reduce(num_boxes)
         num_boxes = num_boxes / dist.get_world_size()
     return num_boxes.clamp(min=1)[0]
+
+
+def _class_agnostic(targets: list[dict]) -> list[dict]:
+    return [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
 
 
 def _prediction_index(indices, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,6 @@ proposals by foreground score become the decoder's reference boxes and, through 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +22,7 @@ from detr.models.deformable_layers import (
     DeformableTransformerEncoderLayer,
 )
 from detr.models.ms_deform_attn import MSDeformAttn
+from detr.models.proposals import box_sine_embedding, grid_proposals
 
 
 class DeformableTransformer(nn.Module):
@@ -92,13 +92,7 @@ class DeformableTransformer(nn.Module):
 
     def proposal_pos_embed(self, proposals: torch.Tensor) -> torch.Tensor:
         """Sine embedding of proposal boxes: [B, K, 4] logits -> [B, K, 2C] (C / 2 features per coordinate)."""
-        num_pos_feats = self.d_model // 2
-        temperature = 10000
-        scale = 2 * math.pi
-        dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
-        dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-        pos = proposals.sigmoid()[:, :, :, None] * scale / dim_t  # [B, K, 4, F]
-        return torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
+        return box_sine_embedding(proposals, self.d_model // 2)
 
     def encoder_output_proposals(
         self, memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]]
@@ -110,28 +104,8 @@ class DeformableTransformer(nn.Module):
             proposals [B, S, 4] cxcywh in logit space (+inf where invalid),
             invalid [B, S, 1] bool: padding, or a proposal too close to the border to be trusted.
         """
-        b = memory.shape[0]
-        proposals, start = [], 0
-        for lvl, (h, w) in enumerate(spatial_shapes):
-            mask_l = padding_mask[:, start : start + h * w].view(b, h, w)
-            valid_h = (~mask_l[:, :, 0]).sum(1)
-            valid_w = (~mask_l[:, 0, :]).sum(1)
-            grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
-                indexing="ij",
-            )
-            grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)  # [H, W, 2]
-            scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(b, 1, 1, 2)
-            grid = (grid.unsqueeze(0).expand(b, -1, -1, -1) + 0.5) / scale  # centres in [0, 1] of the image
-            wh = torch.ones_like(grid) * 0.05 * (2.0**lvl)
-            proposals.append(torch.cat((grid, wh), -1).view(b, -1, 4))
-            start += h * w
-        output_proposals = torch.cat(proposals, 1)  # [B, S, 4]
-        valid = ((output_proposals > 0.01) & (output_proposals < 0.99)).all(-1, keepdim=True)
-        invalid = padding_mask.unsqueeze(-1) | ~valid
-        output_proposals = torch.log(output_proposals / (1 - output_proposals))
-        output_proposals = output_proposals.masked_fill(invalid, float("inf"))
+        sizes = [0.05 * 2.0**lvl for lvl in range(len(spatial_shapes))]
+        output_proposals, invalid = grid_proposals(padding_mask, spatial_shapes, sizes)
         output_memory = memory.masked_fill(invalid, 0.0)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         return output_memory, output_proposals, invalid

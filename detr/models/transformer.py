@@ -167,12 +167,18 @@ class Transformer(nn.Module):
         """src [B, C, H, W], mask [B, H, W] (True = padding), query_embed [Q, C], pos_embed [B, C, H, W]
         -> decoder outputs [L, B, Q, C], encoder memory [B, C, H, W]."""
         b, c, h, w = src.shape
+        memory, pos_seq, mask_seq = self.encode(src, mask, pos_embed)
+        query_pos = query_embed.unsqueeze(0).expand(b, -1, -1)  # [B, Q, C]
+        # The decoder input starts at zero; the queries enter only as positional embeddings.
+        hs = self.decoder(torch.zeros_like(query_pos), memory, pos_seq, query_pos, mask_seq)
+        return hs, memory.transpose(1, 2).reshape(b, c, h, w)
+
+    def encode(
+        self, src: torch.Tensor, mask: torch.Tensor, pos_embed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The encoder alone, on flattened maps: src, pos_embed [B, C, H, W], mask [B, H, W] ->
+        memory [B, HW, C], pos [B, HW, C], mask [B, HW] (what ``decoder`` takes)."""
         src_seq = src.flatten(2).transpose(1, 2)  # [B, HW, C]
         pos_seq = pos_embed.flatten(2).transpose(1, 2)  # [B, HW, C]
         mask_seq = mask.flatten(1)  # [B, HW]
-        query_pos = query_embed.unsqueeze(0).expand(b, -1, -1)  # [B, Q, C]
-        # The decoder input starts at zero; the queries enter only as positional embeddings.
-        tgt = torch.zeros_like(query_pos)
-        memory = self.encoder(src_seq, pos_seq, mask_seq)
-        hs = self.decoder(tgt, memory, pos_seq, query_pos, mask_seq)
-        return hs, memory.transpose(1, 2).reshape(b, c, h, w)
+        return self.encoder(src_seq, pos_seq, mask_seq), pos_seq, mask_seq

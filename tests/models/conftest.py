@@ -22,6 +22,8 @@ TINY = {
 VARIANTS = {
     "detr": {"arch": "detr"},
     "detr_prenorm_learned": {"arch": "detr", "pre_norm": True, "position_encoding": "learned"},
+    # Few queries: the test images give DETR's stride-32 map only 2x3 positions to choose from.
+    "detr_two_stage": {"arch": "detr", "detr": {"two_stage": True}, "num_queries": 4},
     "deformable_single_scale": {"arch": "deformable_detr", "deformable": {"n_levels": 1}},
     "deformable_multi_scale": {"arch": "deformable_detr", "deformable": {"n_levels": 4}},
     "deformable_refine": {"arch": "deformable_detr", "deformable": {"with_box_refine": True}},

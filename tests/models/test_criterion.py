@@ -153,6 +153,35 @@ def test_encoder_loss_uses_class_agnostic_targets(make_targets):
     assert losses["loss_bbox_enc"].item() == pytest.approx(expected["loss_bbox"], rel=1e-5)
 
 
+def test_two_stage_detr_encoder_loss_keeps_the_classes(make_targets):
+    """Two-stage DETR's encoder head learns the real classes (they pick its queries): the ``_enc``
+    losses are the set losses of the encoder outputs against the targets as they are."""
+    enc = _outputs(2, 20, K + 1, seed=7)
+    targets = make_targets([3, 2], K, seed=8)
+    criterion = _criterion(False, two_stage=True, class_agnostic_encoder=False)
+    losses = criterion({**_outputs(2, 6, K + 1, seed=9), "enc_outputs": enc}, targets)
+    expected = _manual_losses(enc, targets, criterion.matcher(enc, targets), False)
+    for name in ("loss_ce", "loss_bbox", "loss_giou"):
+        assert losses[name + "_enc"].item() == pytest.approx(expected[name], rel=1e-5)
+
+
+def test_accumulated_shares_of_the_encoder_cross_entropy_add_up_to_the_whole_batch(make_targets):
+    """Under gradient accumulation the cross-entropy is normalized by the step's class weights for
+    each set's own number of predictions: 6 queries, but 20 encoder positions."""
+    criterion = _criterion(False, num_aux_layers=0, two_stage=True, class_agnostic_encoder=False)
+    outputs = {**_outputs(4, 6, K + 1, seed=1), "enc_outputs": _outputs(4, 20, K + 1, seed=2)}
+    targets = make_targets([3, 1, 2, 4], K, seed=3)
+    whole = criterion(outputs, targets)
+
+    def half(part: slice) -> dict:
+        return {"pred_logits": outputs["pred_logits"][part], "pred_boxes": outputs["pred_boxes"][part],
+                "enc_outputs": {k: v[part] for k, v in outputs["enc_outputs"].items()}}
+
+    shares = [criterion(half(part), targets[part], step_targets=targets) for part in (slice(0, 2), slice(2, 4))]
+    for name in ("loss_ce", "loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"):
+        assert (shares[0][name] + shares[1][name]).item() == pytest.approx(whole[name].item(), rel=1e-5), name
+
+
 def test_perfect_predictions_have_zero_box_loss_and_class_error():
     targets = [{"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.7, 0.6, 0.3, 0.1]])}]
     logits = torch.full((1, 4, K + 1), -10.0)

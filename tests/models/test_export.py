@@ -44,9 +44,10 @@ def _assert_matches_eager(model: torch.nn.Module, path, images: torch.Tensor) ->
     np.testing.assert_allclose(boxes, expected["pred_boxes"].numpy(), atol=ATOL, rtol=0)
 
 
-def test_detr_dynamic_batch_and_size(tmp_path):
-    model = _model("detr")
-    path = export_onnx(model, tmp_path / "detr.onnx", (H, W))
+@pytest.mark.parametrize("variant", ["detr", "detr_two_stage"])
+def test_detr_dynamic_batch_and_size(variant, tmp_path):
+    model = _model(variant)
+    path = export_onnx(model, tmp_path / f"{variant}.onnx", (H, W))
     g = torch.Generator().manual_seed(1)
     for shape in ((1, 3, H, W), (3, 3, H, W), (2, 3, 96, 64), (1, 3, 128, 160)):
         _assert_matches_eager(model, path, torch.randn(*shape, generator=g))

@@ -37,10 +37,10 @@ def test_forward_shapes(variant, tiny_config):
     for aux in out["aux_outputs"]:
         assert aux["pred_logits"].shape == (2, q, classes) and aux["pred_boxes"].shape == (2, q, 4)
     assert not any(key.startswith("loss") for key in out)
-    if deformable and config.deformable.two_stage:
-        strides = [8, 16, 32, 64][4 - config.deformable.n_levels :]
+    if config.deformable.two_stage if deformable else config.detr.two_stage:
+        strides = [8, 16, 32, 64][4 - config.deformable.n_levels :] if deformable else [32]
         tokens = sum(math.ceil(H / s) * math.ceil(W / s) for s in strides)
-        assert out["enc_outputs"]["pred_logits"].shape == (2, tokens, NUM_CLASSES)
+        assert out["enc_outputs"]["pred_logits"].shape == (2, tokens, classes)
         assert out["enc_outputs"]["pred_boxes"].shape == (2, tokens, 4)
     else:
         assert "enc_outputs" not in out
@@ -189,10 +189,37 @@ def test_bad_inputs_raise_invalid_input(images, masks, match, tiny_config):
         model(images, masks)
 
 
-def test_two_stage_with_too_few_positions_is_an_error(tiny_config):
-    model = build_model(tiny_config("deformable_two_stage", num_queries=200), NUM_CLASSES)
+@pytest.mark.parametrize("variant", ["deformable_two_stage", "detr_two_stage"])
+def test_two_stage_with_too_few_positions_is_an_error(variant, tiny_config):
+    model = build_model(tiny_config(variant, num_queries=200), NUM_CLASSES)
     with pytest.raises(InvalidInputError, match="200 proposals"):
         model(torch.zeros(1, 3, 64, 64))
+
+
+def test_two_stage_detr_starts_each_query_at_its_selected_proposal(tiny_config):
+    """The top-Q encoder positions by best real-class probability are the queries, and the box
+    heads start at zero offsets: the first decoder layer's boxes are the selected proposals."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config("detr_two_stage"), NUM_CLASSES).eval()
+    assert not hasattr(model, "query_embed")
+    images, masks = _images()
+    with torch.no_grad():
+        out = model(images, masks)
+    enc_logits, enc_boxes = out["enc_outputs"]["pred_logits"], out["enc_outputs"]["pred_boxes"]
+    for b in range(2):
+        score = enc_logits[b].softmax(-1)[:, :-1].max(-1).values
+        chosen = enc_boxes[b, score.topk(model.num_queries).indices]
+        torch.testing.assert_close(out["aux_outputs"][0]["pred_boxes"][b], chosen)
+
+
+def test_two_stage_detr_queries_at_padding_start_from_the_whole_image(tiny_config):
+    """A padded image with fewer valid positions than queries: every box stays finite."""
+    model = build_model(tiny_config("detr_two_stage", num_queries=6), NUM_CLASSES).eval()
+    images, masks = _images()
+    masks[-1, :, 40:] = True  # 64x40 of image: 2x2 valid positions of the 2x3 map
+    with torch.no_grad():
+        out = model(images, masks)
+    assert torch.isfinite(out["pred_boxes"]).all() and torch.isfinite(out["pred_logits"]).all()
 
 
 def test_num_classes_must_be_positive(tiny_config):

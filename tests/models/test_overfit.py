@@ -39,6 +39,7 @@ def _batch() -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         "deformable_multi_scale",
         pytest.param("detr", marks=pytest.mark.slow),
         pytest.param("deformable_two_stage", marks=pytest.mark.slow),
+        pytest.param("detr_two_stage", marks=pytest.mark.slow),
     ],
 )
 def test_tiny_model_overfits_one_batch(variant, tiny_config):
