@@ -112,12 +112,10 @@ class SetCriterion(nn.Module):
                                            suffix=f"_{i}"))
         if "enc_outputs" in outputs:
             enc = outputs["enc_outputs"]
-            enc_targets, enc_step_targets = targets, step_targets
-            if self.class_agnostic_encoder:
-                enc_targets = _class_agnostic(targets)
-                enc_step_targets = None if step_targets is None else _class_agnostic(step_targets)
+            enc_targets = _class_agnostic(targets) if self.class_agnostic_encoder else targets
             enc_indices = self.matcher(enc, enc_targets)
-            losses.update(self._set_losses(enc, enc_targets, enc_indices, num_boxes, enc_step_targets, suffix="_enc"))
+            # (The step's class weights count boxes only: its targets serve either kind.)
+            losses.update(self._set_losses(enc, enc_targets, enc_indices, num_boxes, step_targets, suffix="_enc"))
         unweighted = sorted(k for k in losses if k.startswith("loss_") and k not in self.weight_dict)
         if unweighted:
             raise ValueError(f"loss terms {unweighted} have no weight: the criterion was built for another model "
