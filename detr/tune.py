@@ -114,8 +114,7 @@ def run_search(
     # Trials on this machine keep their scratch checkpoints in one directory the driver deletes at
     # the end (Ray stops a finished trial right after its last report, before it could clean up);
     # on a cluster each trial uses its own working directory on its node.
-    local = not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
-    with (_scratch_directory(name) if local else nullcontext()) as scratch_root, _ray_connection(address, resources):
+    with (_scratch_directory(name) if _starts_local_ray(address) else nullcontext()) as scratch_root, _ray_connection(address, resources):
         trainable = tune.with_resources(
             tune.with_parameters(_train_trial, base_config=config.to_dict(), fixed=space.fixed, metric=metric,
                                  root=str(Path.cwd()), scratch_root=scratch_root),
@@ -250,20 +249,26 @@ def _ray_connection(address: str | None, resources: Mapping[str, float]) -> Iter
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if _starts_local_ray(address):
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=100 * 1024**2)
+        _check_local_resources(resources)
+    else:
+        address = address or os.environ["RAY_ADDRESS"]
         _check_reachable(address)
         try:
             ray.init(address=address)
         except ConnectionError as e:
             raise InvalidInputError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=100 * 1024**2)
-        _check_local_resources(resources)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _starts_local_ray(address: str | None) -> bool:
+    """Whether the search starts a Ray of its own on this machine: no Ray in this process yet, and
+    no cluster address given (``address`` or ``RAY_ADDRESS``)."""
+    return not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
 
 
 def _check_reachable(address: str) -> None:
