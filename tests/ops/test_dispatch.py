@@ -103,11 +103,21 @@ def test_errors_inside_a_backend_are_not_swallowed(native_cpu, monkeypatch, smal
 
 
 def test_kernel_checks_guard_direct_calls(native_cpu, small):
+    # The numbers in these messages once crashed the process (streamed integers, torch 2.11 + g++ 13):
+    # the whole message is checked, numbers included.
     value, shapes, starts, loc, weights = small.as_tuple()
-    with pytest.raises(RuntimeError, match="level_start_index"):
+    with pytest.raises(RuntimeError,
+                       match=r"level_start_index\[0\] = 1 but the levels before it hold 0 positions"):
         torch.ops.detr_ops.ms_deform_attn(value, shapes, starts + 1, loc, weights)
-    with pytest.raises(RuntimeError, match="sampling_locations must be"):
+    with pytest.raises(RuntimeError,
+                       match=r"sampling_locations must be \[N, Lq, M, L, P, 2\], got shape \[2, 3, 2, 2, 2\]"):
         torch.ops.detr_ops.ms_deform_attn(value, shapes, starts, loc[..., 0], weights)
+    with pytest.raises(RuntimeError, match=r"value must be float64, float32, float16 or bfloat16, got Int"):
+        torch.ops.detr_ops.ms_deform_attn(value.int(), shapes, starts, loc, weights)
+    grad = torch.zeros(2, 3, 15)
+    with pytest.raises(RuntimeError,
+                       match=r"grad_output must be \[N, Lq, M \* D\] = \[2, 3, 16\], got \[2, 3, 15\]"):
+        torch.ops.detr_ops.ms_deform_attn_backward(value, shapes, starts, loc, weights, grad)
 
 
 def _bad(small, **changes):

@@ -101,12 +101,12 @@ Geometry make_geometry(const MsdaSizes& s, int vec, size_t acc_bytes, int per_po
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin_attribute, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const size_t optin = static_cast<size_t>(optin_attribute);
-  TORCH_CHECK(g.shared_bytes <= optin, "ms_deform_attn (CUDA): L * P = ", points_per_row,
-              " points per query and head need ", g.shared_bytes, " bytes of shared memory per block; this GPU has ",
-              optin);
+  TORCH_CHECK(g.shared_bytes <= optin, "ms_deform_attn (CUDA): L * P = ", text(points_per_row),
+              " points per query and head need ", text(static_cast<int64_t>(g.shared_bytes)),
+              " bytes of shared memory per block; this GPU has ", text(static_cast<int64_t>(optin)));
   const int64_t rows = s.batch * s.queries * s.heads;
   const int64_t blocks = (rows + groups_per_block - 1) / groups_per_block;
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "ms_deform_attn (CUDA): too many queries (", rows,
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "ms_deform_attn (CUDA): too many queries (", text(rows),
               " rows of (batch, query, head))");
   g.blocks = static_cast<unsigned int>(blocks);
   return g;
