@@ -7,18 +7,25 @@ Gaussian offsets of 2 pixels, see detr/ops/inputs.py):
   b  encoder, batch 1, 800x1333 image: levels 100x167 50x84 25x42 13x21  (Lq = S = 21685)
   c  decoder, batch 1, 800x1333 image, 300 queries
 
-For every (case, backend, mode) a fresh subprocess builds the inputs, runs one warm-up call and
-``--repeats`` timed calls (the best is reported) at the same thread count
+On the CPU, every (case, dtype, backend, mode) runs in a fresh subprocess that builds the inputs,
+runs one warm-up call and ``--repeats`` timed calls (the best is reported) at the same thread count
 (``torch.set_num_threads``); a second subprocess measures the peak memory of the calls: peak RSS
 (VmHWM, reset just before the first call, with glibc returning large blocks to the OS on free) minus
-the RSS at that moment on CPU (Linux), ``torch.cuda.max_memory_allocated``
-minus the inputs on CUDA (timed with CUDA events). "fwd+bwd" is one forward plus
-``torch.autograd.grad`` for value, sampling_locations and attention_weights.
+the RSS at that moment (Linux). On CUDA all measurements share one process (the caching allocator's
+peak counter is reset for each): times from CUDA events, memory as ``torch.cuda.max_memory_allocated``
+minus the inputs. "fwd+bwd" is one forward plus ``torch.autograd.grad`` for value,
+sampling_locations and attention_weights. ``--dtypes bf16`` runs value (and the gradients) in
+bfloat16 with float32 locations and weights, as the model does under autocast.
+
+On CUDA the table also gives the achieved bandwidth of the native kernel: the bytes a call must move
+at the least (each input read once, each output and gradient written once) over its time, against the
+device-to-device copy bandwidth measured in the same run (the practical peak of the memory system).
 
     python bench/msda.py              # CPU cases, and CUDA ones when a GPU is visible
     python bench/msda.py --quick      # fewer repeats
     python bench/msda.py --cases a --threads 1 --device cpu
     python bench/msda.py --threads 1 --clock process   # CPU time: robust on a busy machine
+    python bench/msda.py --device cuda --dtypes fp32,bf16
 
 Results are in bench/README.md.
 """
@@ -43,6 +50,7 @@ CASES = {
 HEADS, CHANNELS, POINTS = 8, 32, 4
 MODES = ("fwd", "fwd+bwd")
 BACKENDS = ("native", "reference")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _rss_bytes(field: str = "VmRSS") -> int:
@@ -60,8 +68,9 @@ def _reset_peak_rss() -> None:
         handle.write("5")
 
 
-def _worker(case: str, backend: str, mode: str, device: str, threads: int, repeats: int, clock: str) -> dict:
-    """Runs in its own process so that peak memory belongs to this measurement alone."""
+def _worker(case: str, backend: str, mode: str, device: str, threads: int, repeats: int, clock: str,
+            dtype: str = "fp32") -> dict:
+    """On the CPU it runs in its own process so that peak memory belongs to this measurement alone."""
     import torch
 
     from detr.ops import ms_deform_attn
@@ -73,11 +82,14 @@ def _worker(case: str, backend: str, mode: str, device: str, threads: int, repea
     choose_backend(backend, device)  # build/load outside the measurement
     inputs = make_inputs(levels, batch=batch, heads=HEADS, channels=CHANNELS, points=POINTS, queries=queries)
     args = [t.to(device) for t in inputs.as_tuple()]
+    value_dtype = getattr(torch, DTYPES[dtype])
+    # Reduced-precision value with float32 locations and weights: what the model passes under autocast.
+    args[0] = args[0].to(value_dtype)
     training = mode == "fwd+bwd"
     if training:
         for index in (0, 3, 4):
             args[index].requires_grad_(True)
-    grad_output = torch.randn(batch, args[3].shape[1], HEADS * CHANNELS, device=device)
+    grad_output = torch.randn(batch, args[3].shape[1], HEADS * CHANNELS, device=device, dtype=value_dtype)
 
     def call() -> None:
         out = ms_deform_attn(*args, backend=backend)
@@ -90,9 +102,17 @@ def _worker(case: str, backend: str, mode: str, device: str, threads: int, repea
     result_bytes = grad_output.numel() * element
     if training:
         result_bytes += sum(args[i].numel() * args[i].element_size() for i in (0, 3, 4))
+    # The least a call must move: each input read once and the output written once; the backward
+    # then reads the inputs and the output's gradient again and writes the three gradients.
+    input_bytes = sum(args[i].numel() * args[i].element_size() for i in (0, 3, 4))
+    output_bytes = grad_output.numel() * element
+    min_bytes = input_bytes + output_bytes
+    if training:
+        min_bytes += input_bytes + output_bytes + input_bytes
 
     if device == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         call()
@@ -119,29 +139,33 @@ def _worker(case: str, backend: str, mode: str, device: str, threads: int, repea
             times.append(now() - started)
         peak = _rss_bytes("VmHWM") - base
     return {"best_s": min(times), "median_s": statistics.median(times), "peak_bytes": max(peak, 0),
-            "result_bytes": result_bytes}
+            "result_bytes": result_bytes, "min_bytes": min_bytes}
 
 
 def _run_worker(case: str, backend: str, mode: str, device: str, threads: int, repeats: int, clock: str,
-                env: dict[str, str]) -> dict:
+                dtype: str, env: dict[str, str]) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", case, backend, mode, device,
-               str(threads), str(repeats), clock]
+               str(threads), str(repeats), clock, dtype]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark worker {case}/{backend}/{mode}/{device} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _measure(case: str, backend: str, mode: str, device: str, threads: int, repeats: int, clock: str) -> dict:
-    """Times from one subprocess with the allocator as users run it; peak memory from a second one."""
+def _measure(case: str, backend: str, mode: str, device: str, threads: int, repeats: int, clock: str,
+             dtype: str) -> dict:
+    """CPU: times from one subprocess with the allocator as users run it; peak memory from a second one.
+    CUDA: in this process (the device's peak counter is per measurement; a process start costs seconds)."""
+    if device == "cuda":
+        return _worker(case, backend, mode, device, threads, repeats, clock, dtype)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    timed = _run_worker(case, backend, mode, device, threads, repeats, clock, env)
+    timed = _run_worker(case, backend, mode, device, threads, repeats, clock, dtype, env)
     if device == "cpu":
         # A fixed mmap threshold makes glibc return every large block to the OS when freed, so resident
         # memory follows live tensors (the default adaptive threshold keeps freed blocks resident). It
         # also makes each large allocation page-fault afresh, hence a separate run for the timings.
         memory_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536")
-        memory = _run_worker(case, backend, mode, device, threads, 1, clock, memory_env)
+        memory = _run_worker(case, backend, mode, device, threads, 1, clock, dtype, memory_env)
         timed["peak_bytes"] = memory["peak_bytes"]
     return timed
 
@@ -150,34 +174,65 @@ def _format_row(label: str, cells: list[str]) -> str:
     return f"{label:<40}" + "".join(f"{cell:>14}" for cell in cells)
 
 
-def run(cases: list[str], devices: list[str], threads: int, repeats: int, clock: str) -> None:
+def copy_bandwidth(gigabytes: float = 2.0, repeats: int = 10) -> float:
+    """Device-to-device copy in bytes/s (read plus written), the best of ``repeats``: the bandwidth a
+    memory-bound kernel can reach on this GPU, measured rather than taken from a datasheet."""
+    import torch
+
+    source = torch.empty(int(gigabytes * 2**30) // 4, dtype=torch.float32, device="cuda")
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000)
+    del source, target
+    torch.cuda.empty_cache()
+    return 2 * gigabytes * 2**30 / best
+
+
+def run(cases: list[str], devices: list[str], threads: int, repeats: int, clock: str, dtypes: list[str]) -> None:
     import torch
 
     print(f"torch {torch.__version__}, threads {threads}, repeats {repeats}, CPU clock {clock}, "
           f"M={HEADS} D={CHANNELS} L=4 P={POINTS}")
     for device in devices:
+        peak_bandwidth = None
         if device == "cuda":
-            print(f"device: {torch.cuda.get_device_name(0)} (times from CUDA events)")
+            peak_bandwidth = copy_bandwidth()
+            print(f"device: {torch.cuda.get_device_name(0)} (times from CUDA events); device-to-device copy "
+                  f"{peak_bandwidth / 1e9:.0f} GB/s")
         else:
             print(f"device: cpu ({os.cpu_count()} logical cores visible)")
-        print(_format_row("case / backend", ["fwd ms", "fwd+bwd ms", "fwd peak MB", "f+b peak MB",
-                                             "f+b extra MB"]))
-        for case in cases:
-            results = {(b, m): _measure(case, b, m, device, threads, repeats, clock)
-                       for b in BACKENDS for m in MODES}
-            print(CASES[case][0])
-            for backend in BACKENDS:
-                cells = [f"{results[backend, m]['best_s'] * 1e3:.1f}" for m in MODES]
-                cells += [f"{results[backend, m]['peak_bytes'] / 2**20:.1f}" for m in MODES]
-                cells.append(f"{_extra_bytes(results[backend, 'fwd+bwd']) / 2**20:.1f}")
-                print(_format_row(f"  {backend}", cells))
-            speed = [results["reference", m]["best_s"] / results["native", m]["best_s"] for m in MODES]
-            memory = [results["native", m]["peak_bytes"] / max(results["reference", m]["peak_bytes"], 1)
-                      for m in MODES]
-            memory.append(_extra_bytes(results["native", "fwd+bwd"])
-                          / max(_extra_bytes(results["reference", "fwd+bwd"]), 1))
-            print(_format_row("  native speed-up / memory fraction",
-                              [f"{s:.1f}x" for s in speed] + [f"{f:.2f}" for f in memory]))
+        for dtype in dtypes:
+            print(f"value dtype {dtype}" + ("" if dtype == "fp32" else " (locations and weights float32)"))
+            print(_format_row("case / backend", ["fwd ms", "fwd+bwd ms", "fwd peak MB", "f+b peak MB",
+                                                 "f+b extra MB"]))
+            for case in cases:
+                results = {(b, m): _measure(case, b, m, device, threads, repeats, clock, dtype)
+                           for b in BACKENDS for m in MODES}
+                print(CASES[case][0])
+                for backend in BACKENDS:
+                    cells = [f"{results[backend, m]['best_s'] * 1e3:.2f}" for m in MODES]
+                    cells += [f"{results[backend, m]['peak_bytes'] / 2**20:.1f}" for m in MODES]
+                    cells.append(f"{_extra_bytes(results[backend, 'fwd+bwd']) / 2**20:.1f}")
+                    print(_format_row(f"  {backend}", cells))
+                speed = [results["reference", m]["best_s"] / results["native", m]["best_s"] for m in MODES]
+                memory = [results["native", m]["peak_bytes"] / max(results["reference", m]["peak_bytes"], 1)
+                          for m in MODES]
+                memory.append(_extra_bytes(results["native", "fwd+bwd"])
+                              / max(_extra_bytes(results["reference", "fwd+bwd"]), 1))
+                print(_format_row("  native speed-up / memory fraction",
+                                  [f"{s:.1f}x" for s in speed] + [f"{f:.2f}" for f in memory]))
+                if peak_bandwidth is not None:
+                    achieved = [results["native", m]["min_bytes"] / results["native", m]["best_s"] for m in MODES]
+                    print(_format_row("  native GB/s (least bytes / time)", [f"{a / 1e9:.0f}" for a in achieved]))
+                    print(_format_row("  fraction of the copy bandwidth", [f"{a / peak_bandwidth:.2f}"
+                                                                           for a in achieved]))
 
 
 def _extra_bytes(result: dict) -> int:
@@ -195,11 +250,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 timed calls per measurement")
     parser.add_argument("--clock", choices=("wall", "process"), default="wall",
                         help="CPU timing: wall clock (default) or CPU time of the process (shared machines)")
-    parser.add_argument("--worker", nargs=7, metavar="ARG", help=argparse.SUPPRESS)
+    parser.add_argument("--dtypes", default="fp32", help=f"comma-separated value dtypes: {', '.join(DTYPES)}")
+    parser.add_argument("--worker", nargs=8, metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        case, backend, mode, device, threads, repeats, clock = args.worker
-        print(json.dumps(_worker(case, backend, mode, device, int(threads), int(repeats), clock)))
+        case, backend, mode, device, threads, repeats, clock, dtype = args.worker
+        print(json.dumps(_worker(case, backend, mode, device, int(threads), int(repeats), clock, dtype)))
         return
 
     import torch
@@ -212,8 +268,11 @@ def main() -> None:
         parser.error("--device cuda: no CUDA device is visible")
     devices = ["cpu", "cuda"] if args.device == "auto" and torch.cuda.is_available() else (
         ["cpu"] if args.device == "auto" else [args.device])
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        parser.error(f"--dtypes {args.dtypes!r}: choose from {', '.join(DTYPES)}")
     repeats = args.repeats or (2 if args.quick else 5)
-    run(cases, devices, args.threads or torch.get_num_threads(), repeats, args.clock)
+    run(cases, devices, args.threads or torch.get_num_threads(), repeats, args.clock, dtypes)
 
 
 if __name__ == "__main__":
