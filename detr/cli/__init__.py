@@ -23,6 +23,7 @@ from detr.cli.tune import _add_tune_command
 from detr.errors import DetrError
 
 FORMATS = ("coco", "voc", "yolo", "kitti")
+FORMAT_HELP = "auto, coco, voc, yolo, kitti, datumaro:<fmt>, a format plugin's name or package.module:Class"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,8 +83,8 @@ def _add_data_commands(commands) -> None:
          "detr data convert data/synth --from auto --to yolo --out data/synth_yolo"],
     )
     p.add_argument("path", type=Path)
-    p.add_argument("--from", dest="src_format", choices=("auto", *FORMATS), default="auto")
-    p.add_argument("--to", dest="dst_format", choices=FORMATS, required=True)
+    p.add_argument("--from", dest="src_format", default="auto", help=FORMAT_HELP)
+    p.add_argument("--to", dest="dst_format", required=True, help=FORMAT_HELP + " (one that can be written)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--split", default=None, help="source split to convert (default: all splits)")
     p.set_defaults(func=_cmd_data_convert)
@@ -96,7 +97,7 @@ def _add_data_commands(commands) -> None:
     ):
         p = _command(data, name, help_text, examples)
         p.add_argument("path", type=Path, nargs="?", help="dataset directory (or use --config)")
-        p.add_argument("--format", choices=("auto", *FORMATS), default="auto")
+        p.add_argument("--format", default="auto", help=FORMAT_HELP)
         p.add_argument("--split", default=None, help="split (dataset split, or train|val with --config)")
         p.add_argument("--config", type=Path, help="take the sources, labels and view from a config")
         p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
