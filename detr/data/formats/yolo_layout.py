@@ -24,6 +24,7 @@ found is named in the error.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,8 @@ class Layout:
 
 
 def _first_existing(candidates: list[Path]) -> Entry:
+    # ``..`` is folded lexically (as Ultralytics' ``resolve`` does, without following symlinks)
+    candidates = list(dict.fromkeys(Path(os.path.normpath(p)) for p in candidates))
     for path in candidates:
         if path.exists():
             return Entry(path, tuple(candidates))
@@ -273,7 +276,7 @@ def images_of(entry: Entry, where: str, root: Path) -> list[Path]:
         candidates = [Path(value)] if Path(value).is_absolute() else [path.parent / value, root / value]
         if value.startswith(DARKNET_PREFIX):
             candidates.append(root / value[len(DARKNET_PREFIX):])
-        found = _first_existing(list(dict.fromkeys(candidates)))
+        found = _first_existing(candidates)
         if not found.exists:
             raise DatasetFormatError(f"{path}:{line_no}: image {value!r} {found.describe_missing()}")
         images.append(found.path)
