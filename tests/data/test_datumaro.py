@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from detr.config import RepairPolicy, SourceSpec, ViewSpec
-from detr.data import list_splits, load_dataset
+from detr.data import list_splits, load_dataset, write_dataset
 from detr.errors import DatasetFormatError, InvalidInputError
 from tests.data.exporters import datumaro_export, synth_splits
 
@@ -106,3 +106,5 @@ def test_missing_image_and_unknown_formats_are_named(splits, tmp_path):
         (tmp_path / "empty").mkdir()
         load_dataset(tmp_path / "empty", "datumaro:cvat")
     assert SourceSpec(path=root, format="datumaro:label_me").format == "datumaro:label_me"
+    with pytest.raises(InvalidInputError, match=r"'datumaro:cvat' can be read but has no writer"):
+        write_dataset(splits["val"], tmp_path / "out", "datumaro:cvat")
