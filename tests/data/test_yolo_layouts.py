@@ -55,6 +55,21 @@ def test_roboflow_export_entries_one_level_up_are_retried_without_it(splits, tmp
     assert str(tmp_path / "test" / "images") in message and str(root / "test" / "images") in message
 
 
+def test_roboflow_export_reads_as_datumaros_roboflow_importer_reads_it(splits, tmp_path):
+    """An independent reader of the same files (Datumaro's roboflow_yolo) finds the same boxes."""
+    pytest.importorskip("datumaro")
+    root = roboflow_export(splits, tmp_path / "rf")
+    ours = {r.image_path.name: r for r in load_dataset(root)}
+    theirs = load_dataset(root, "datumaro:roboflow_yolo")
+    assert sorted(list_splits(root, "datumaro:roboflow_yolo")) == ["train", "valid"]
+    assert len(theirs) == len(ours) == 8
+    names = yaml.safe_load((root / "data.yaml").read_text())["names"]
+    for record in theirs:
+        mine = ours[record.image_path.name]
+        np.testing.assert_allclose(record.boxes, mine.boxes, rtol=0, atol=1e-4)
+        assert [theirs.label_map.names[i] for i in record.labels] == [names[i] for i in mine.labels]
+
+
 def test_roboflow_entry_that_exists_one_level_up_is_used_as_written(splits, tmp_path):
     """Ultralytics resolves ``../x`` against the yaml's folder first; the retry is only a fallback."""
     root = roboflow_export({"train": splits["train"]}, tmp_path / "outer" / "rf")

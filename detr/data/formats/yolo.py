@@ -142,7 +142,8 @@ def _check_orphan_labels(layout: Layout, entries: list[Entry], labels: list[Path
     own_files = {layout.root / CLASSES_FILE, *(e.path for es in layout.splits.values() for e in es)}
     if layout.config_path is not None:
         own_files.add(layout.config_path)
-    found = {txt for label in labels if label.parent.is_dir() for txt in label.parent.glob("*.txt")}
+    folders = {label.parent for label in labels}
+    found = {txt for folder in folders if folder.is_dir() for txt in folder.glob("*.txt")}
     for entry in entries:
         if entry.path.is_dir() and label_dir(entry.path).is_dir():
             found.update(label_dir(entry.path).rglob("*.txt"))
