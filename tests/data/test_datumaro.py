@@ -1,5 +1,6 @@
-"""``datumaro:<fmt>``: CVAT and LabelMe written by Datumaro from the synthetic set read back with the
-same boxes, into the same label map, views, report and error messages as the built-in formats."""
+"""``datumaro:<fmt>``: CVAT, LabelMe, Open Images and WIDER Face written by Datumaro from the synthetic
+set read back with the same boxes, into the same label map, views, report and error messages as the
+built-in formats."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from tests.data.exporters import datumaro_export, synth_splits
 
 pytest.importorskip("datumaro")
 
-# CVAT and LabelMe write coordinates with 2 decimals at most; the synthetic boxes are whole pixels.
-FORMATS = ["cvat", "label_me"]
+# The synthetic boxes are whole pixels, which every one of these formats writes exactly (CVAT with 2
+# decimals, Open Images normalized), so the boxes read back are equal, not just close.
+FORMATS = ["cvat", "label_me", "open_images", "wider_face"]
 
 
 @pytest.fixture
@@ -32,7 +34,7 @@ def test_reads_what_datumaro_wrote_with_equal_boxes(splits, tmp_path, fmt):
         dataset = load_dataset(root, f"datumaro:{fmt}", split=split)
         source = splits[split]
         assert dataset.format == f"datumaro:{fmt}"
-        if fmt == "cvat":  # CVAT lists the labels; LabelMe has no class list: order of appearance
+        if fmt == "cvat":  # CVAT lists the labels; LabelMe's order is the order of appearance
             assert dataset.label_map.names == source.label_map.names
         by_stem = {r.image_path.stem: r for r in dataset}
         assert sorted(by_stem) == sorted(r.image_path.stem for r in source)
@@ -108,3 +110,19 @@ def test_missing_image_and_unknown_formats_are_named(splits, tmp_path):
     assert SourceSpec(path=root, format="datumaro:label_me").format == "datumaro:label_me"
     with pytest.raises(InvalidInputError, match=r"'datumaro:cvat' can be read but has no writer"):
         write_dataset(splits["val"], tmp_path / "out", "datumaro:cvat")
+
+
+def test_convert_and_show_from_a_datumaro_format(splits, tmp_path, capsys):
+    from detr.cli import main
+
+    root = datumaro_export(splits, tmp_path / "cvat", "cvat")
+    out = tmp_path / "as_coco"
+    assert main(["data", "convert", str(root), "--from", "datumaro:cvat", "--to", "coco", "--out", str(out)]) in (0, None)
+    assert "(datumaro:cvat) ->" in capsys.readouterr().out
+    for split in ("train", "val"):
+        converted = {r.image_path.stem: r for r in load_dataset(out, "coco", split=split)}
+        for expected in splits[split]:
+            np.testing.assert_array_equal(converted[expected.image_path.stem].boxes, expected.boxes)
+    png = tmp_path / "shown.png"
+    assert main(["data", "show", str(root), "--format", "datumaro:cvat", "--split", "val", "--out", str(png)]) in (0, None)
+    assert png.read_bytes()[:4] == b"\x89PNG"
