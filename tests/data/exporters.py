@@ -1,8 +1,8 @@
-"""Datasets written by independent tools (Datumaro) and in the layouts other tools export, from the
-synthetic set, so that a reader is checked against boxes it did not write itself.
+"""Datasets written by independent tools (Datumaro, supervision) and in the layouts other tools export,
+from the synthetic set, so that a reader is checked against boxes it did not write itself.
 
-Datumaro is the ``datumaro`` extra (part of the ``test`` extra); tests that need it call
-``pytest.importorskip("datumaro")`` first.
+Datumaro (the ``datumaro`` extra) and supervision are in the ``test`` extra; tests that need them call
+``pytest.importorskip`` first.
 """
 
 from __future__ import annotations
@@ -83,9 +83,27 @@ def roboflow_export(splits: dict[str, DetectionDataset], out: Path) -> Path:
     return out
 
 
-def supervision_export(splits: dict[str, DetectionDataset], out: Path, *, decimals: int = 6) -> Path:
-    """supervision's ``DetectionDataset.as_yolo``: ``images/<split>/``, ``labels/<split>/`` and a
-    data.yaml with only ``nc`` and ``names`` (what its ``save_data_yaml`` writes)."""
+def supervision_export(splits: dict[str, DetectionDataset], out: Path) -> Path:
+    """supervision's ``DetectionDataset.as_yolo`` per split: ``images/<split>/``, ``labels/<split>/``
+    (5 decimals) and a data.yaml with only ``nc`` and ``names``."""
+    import numpy as np
+    import supervision as sv
+
+    for split, dataset in splits.items():
+        annotations = {
+            str(r.image_path): sv.Detections(xyxy=r.boxes.astype(np.float64).reshape(-1, 4), class_id=r.labels)
+            for r in dataset.records
+        }
+        sv.DetectionDataset(list(dataset.label_map.names), list(annotations), annotations).as_yolo(
+            images_directory_path=str(out / "images" / split),
+            annotations_directory_path=str(out / "labels" / split),
+            data_yaml_path=str(out / "data.yaml"),
+        )
+    return out
+
+
+def decimals_export(splits: dict[str, DetectionDataset], out: Path, *, decimals: int) -> Path:
+    """supervision's layout, with labels written with ``decimals`` decimals (``%.<d>f``)."""
     for split, dataset in splits.items():
         for record in dataset.records:
             image = out / "images" / split / record.image_path.name

@@ -4,6 +4,7 @@ Ultralytics lists) read with the boxes of their source, within the precision wri
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,13 @@ from detr.data import load_dataset
 from detr.data.formats import detect_format, list_splits
 from detr.data.formats.yolo import rounding_tolerance
 from detr.errors import DatasetFormatError
-from tests.data.exporters import datumaro_export, roboflow_export, supervision_export, synth_splits
+from tests.data.exporters import (
+    datumaro_export,
+    decimals_export,
+    roboflow_export,
+    supervision_export,
+    synth_splits,
+)
 
 
 def assert_same_boxes(dataset, source, atol):
@@ -26,6 +33,19 @@ def assert_same_boxes(dataset, source, atol):
         assert (got.width, got.height) == (expected.width, expected.height)
         np.testing.assert_array_equal(got.labels, expected.labels)
         np.testing.assert_allclose(got.boxes, expected.boxes, rtol=0, atol=atol)
+
+
+ROUNDING_REPAIR = "repair: box corner outside the image by less than the rounding"
+
+
+def corners_outside_in_text(dataset) -> int:
+    """Boxes whose label line, in exact decimal arithmetic, puts a corner outside the image."""
+    outside = 0
+    for record in dataset:
+        for line in Path(record.source).read_text().splitlines():
+            cx, cy, w, h = (Decimal(t) for t in line.split()[1:])
+            outside += any(v < 0 or v > 1 for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
+    return outside
 
 
 def precision_atol(decimals: int, size: int) -> float:
@@ -81,11 +101,21 @@ def test_roboflow_entry_that_exists_one_level_up_is_used_as_written(splits, tmp_
 
 
 def test_supervision_export_without_split_entries(splits, tmp_path):
+    pytest.importorskip("supervision")
     root = supervision_export(splits, tmp_path / "sv")
     assert set(yaml.safe_load((root / "data.yaml").read_text())) == {"nc", "names"}
+    first = next((root / "labels" / "train").glob("*.txt")).read_text().split()
+    assert all(len(token.partition(".")[2]) == 5 for token in first[1:5])  # supervision writes 5 decimals
     assert list_splits(root) == ["train", "val"]
+    repaired = 0
     for split in ("train", "val"):
-        assert_same_boxes(load_dataset(root, split=split), splits[split], atol=precision_atol(6, 320))
+        dataset = load_dataset(root, split=split)
+        assert_same_boxes(dataset, splits[split], atol=precision_atol(5, 320))
+        repaired += dataset.report.count(ROUNDING_REPAIR)
+        assert dataset.report.count(ROUNDING_REPAIR) == corners_outside_in_text(dataset)
+        for record in dataset:  # boxes that touch the border stay on it
+            assert (record.boxes[:, [0, 2]] <= record.width).all() and (record.boxes[:, [1, 3]] <= record.height).all()
+    assert repaired > 0  # this set has a border box that 5 decimals put outside: the issue's case
 
 
 def test_darknet_layout_written_by_datumaro(splits, tmp_path):
@@ -103,12 +133,7 @@ def test_darknet_layout_written_by_datumaro(splits, tmp_path):
     # the rounding of 6 decimals: put on the border and counted, as many as the text (in exact
     # decimal arithmetic) puts outside.
     dataset = load_dataset(root)
-    outside = 0
-    for record in dataset:
-        for line in record.image_path.with_suffix(".txt").read_text().splitlines():
-            cx, cy, w, h = (Decimal(t) for t in line.split()[1:])
-            outside += any(v < 0 or v > 1 for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
-    assert dataset.report.count("repair: box corner outside the image by less than the rounding") == outside
+    assert dataset.report.count(ROUNDING_REPAIR) == corners_outside_in_text(dataset)
     for record in dataset:
         assert (record.boxes >= 0).all() and (record.boxes[:, [0, 2]] <= record.width).all()
         assert (record.boxes[:, [1, 3]] <= record.height).all()
@@ -139,7 +164,7 @@ def test_ultralytics_lists_written_by_datumaro(splits, tmp_path):
 
 @pytest.mark.parametrize("decimals", [3, 4, 5, 6])
 def test_few_decimals_are_read_within_their_precision(splits, tmp_path, decimals):
-    root = supervision_export(splits, tmp_path / f"d{decimals}", decimals=decimals)
+    root = decimals_export(splits, tmp_path / f"d{decimals}", decimals=decimals)
     dataset = load_dataset(root)
     assert_same_boxes(dataset, _merged(splits), atol=precision_atol(decimals, 320))
 
@@ -171,7 +196,7 @@ def test_rounding_tolerance_follows_the_decimals_written(fixtures, tmp_path):
 
 
 def test_label_folder_and_class_errors_name_full_paths(splits, tmp_path):
-    root = supervision_export(splits, tmp_path / "sv")
+    root = decimals_export(splits, tmp_path / "sv", decimals=6)
     orphan = root / "labels" / "train" / "nothing.txt"
     orphan.write_text("0 0.5 0.5 0.1 0.1\n")
     with pytest.raises(DatasetFormatError) as error:
