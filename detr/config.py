@@ -45,7 +45,9 @@ class SourceSpec(Section):
     """One dataset on disk."""
 
     path: Path
-    format: Literal["auto", "coco", "voc", "yolo", "kitti"] = "auto"
+    # "auto", a built-in format (coco, voc, yolo, kitti), "datumaro:<fmt>", a format plugin's
+    # entry-point name or "package.module:Class" (see detr.data.formats.external); checked on loading.
+    format: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.-]*(:[A-Za-z_]\w*)?$")] = "auto"
     # Format-specific subset: the COCO annotation file name or VOC ImageSets/Main list (e.g.
     # "train"), the YOLO split directory; None means the format's default.
     split: str | None = None

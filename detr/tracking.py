@@ -208,8 +208,17 @@ def dataset_digest(dataset: DetectionDataset) -> str:
     return h.hexdigest()[:16]
 
 
-def log_dataset(dataset: DetectionDataset, context: str, sources: Sequence[str | Path]) -> None:
-    """Record a dataset as a run input: its name, annotation digest and where it was read from."""
+def log_dataset(
+    dataset: DetectionDataset, context: str, sources: Sequence[str | Path], stride: int | None = None
+) -> None:
+    """Record a dataset as a run input: its name, annotation digest and where it was read from;
+    and its health (detr.data.health) for a model of finest output ``stride``: text, plot, counts."""
+    from detr.data.health import DEFAULT_STRIDE, compute_health, plot_health
+
+    health = compute_health(dataset, stride=stride or DEFAULT_STRIDE)
+    mlflow.log_text(health.format() + "\n", f"data/{context}_health.txt")
+    mlflow.log_figure(plot_health(health), f"data/{context}_health.png")
+    mlflow.log_metrics({f"data/{context}/{k}": v for k, v in health.metrics().items()})
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
@@ -279,8 +288,10 @@ class MlflowCallback(Callback):
         mlflow.set_tags({**self.tags, **({"git_commit": commit} if commit else {})})
         mlflow.log_dict(self.config, "config/resolved_config.json")
         mlflow.log_dict(self.label_map, "label_map.json")
+        # The finest feature-map stride of the model (its backbone's), for the small-box check.
+        strides = [min(m.strides) for m in trainer.model.modules() if getattr(m, "strides", None)]
         for context, (dataset, sources) in self.datasets.items():
-            log_dataset(dataset, context, sources)
+            log_dataset(dataset, context, sources, stride=min(strides) if strides else None)
 
     def on_step_end(self, trainer: Trainer, state: TrainingState, losses: dict[str, float]) -> None:
         if not trainer.is_main:

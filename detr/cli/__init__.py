@@ -23,6 +23,7 @@ from detr.cli.tune import _add_tune_command
 from detr.errors import DetrError
 
 FORMATS = ("coco", "voc", "yolo", "kitti")
+FORMAT_HELP = "auto, coco, voc, yolo, kitti, datumaro:<fmt>, a format plugin's name or package.module:Class"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,8 +83,8 @@ def _add_data_commands(commands) -> None:
          "detr data convert data/synth --from auto --to yolo --out data/synth_yolo"],
     )
     p.add_argument("path", type=Path)
-    p.add_argument("--from", dest="src_format", choices=("auto", *FORMATS), default="auto")
-    p.add_argument("--to", dest="dst_format", choices=FORMATS, required=True)
+    p.add_argument("--from", dest="src_format", default="auto", help=FORMAT_HELP)
+    p.add_argument("--to", dest="dst_format", required=True, help=FORMAT_HELP + " (one that can be written)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--split", default=None, help="source split to convert (default: all splits)")
     p.set_defaults(func=_cmd_data_convert)
@@ -96,12 +97,16 @@ def _add_data_commands(commands) -> None:
     ):
         p = _command(data, name, help_text, examples)
         p.add_argument("path", type=Path, nargs="?", help="dataset directory (or use --config)")
-        p.add_argument("--format", choices=("auto", *FORMATS), default="auto")
+        p.add_argument("--format", default="auto", help=FORMAT_HELP)
         p.add_argument("--split", default=None, help="split (dataset split, or train|val with --config)")
         p.add_argument("--config", type=Path, help="take the sources, labels and view from a config")
         p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
         if name == "stats":
-            p.add_argument("--plot", type=Path, help="also save the box-size histogram as PNG")
+            p.add_argument("--plot", type=Path,
+                           help="also save the box-size histogram as PNG (and the health plot as <name>_health.png)")
+            p.add_argument("--stride", type=int, default=32,
+                           help="the model's finest output stride for the small-box check (DETR 32, "
+                                "DETR-DC5 16, Deformable DETR with 3+ levels 8; default 32)")
             p.set_defaults(func=_cmd_data_stats)
         else:
             p.add_argument("--index", type=int, default=0)
@@ -151,14 +156,20 @@ def _cmd_data_convert(args) -> None:
 
 
 def _cmd_data_stats(args) -> None:
+    from detr.data.health import compute_health, plot_health
     from detr.data.stats import compute_stats, plot_box_sizes
 
     dataset = _dataset_from_args(args)
     stats = compute_stats(dataset)
+    health = compute_health(dataset, stride=args.stride)
     print(stats.format())
+    print()
+    print(health.format())
     if args.plot is not None:
         plot_box_sizes(stats, args.plot)
-        print(f"box-size histogram saved to {args.plot}")
+        health_plot = args.plot.with_name(f"{args.plot.stem}_health.png")
+        plot_health(health, health_plot)
+        print(f"box-size histogram saved to {args.plot}, health plot to {health_plot}")
 
 
 def _cmd_data_show(args) -> None:

@@ -1,6 +1,7 @@
-"""The dataset layer: four annotation formats read into one record type, views and label maps.
+"""The dataset layer: annotation formats read into one record type, views and label maps.
 
-``load_dataset`` reads COCO, VOC, YOLO or KITTI (auto-detected) into a :class:`DetectionDataset` of
+``load_dataset`` reads COCO, VOC, YOLO or KITTI (auto-detected), any format Datumaro imports
+(``datumaro:<fmt>``) or a plugin's format (:mod:`detr.data.formats.external`) into a :class:`DetectionDataset` of
 :class:`ImageRecord` (boxes float32 [N, 4] xyxy absolute pixels, labels int64 [N] into its
 :class:`LabelMap`); ``write_dataset`` writes one split in any of the formats; ``load_splits`` /
 ``load_split`` combine the sources of a :class:`~detr.config.DataConfig` into one label map.

@@ -34,8 +34,9 @@ def convert_dataset(
 ) -> str:
     """Convert ``src`` to ``dst_format`` in ``dst``; returns a human summary."""
     src, dst = Path(src), Path(dst)
-    if dst_format not in FORMATS:
-        raise InvalidInputError(f"target format {dst_format!r}: expected one of {list(FORMATS)}")
+    if dst_format == "auto":
+        raise InvalidInputError(f"target format 'auto': name the format to write, e.g. one of {list(FORMATS)}")
+    resolve_format(dst, dst_format)  # an unknown name fails before anything is read
     if not src.exists():
         raise DatasetFormatError(f"{src}: dataset path not found")
     src_format = resolve_format(src, src_format)

@@ -145,15 +145,16 @@ CASES = [
     ("yolo", "non-integer class", write_text("labels/train/p.txt", "0.0 0.5 0.5 0.2 0.4\n"),
      r"p\.txt:1: class id must be an integer, got '0\.0'"),
     ("yolo", "box outside", write_text("labels/train/p.txt", "0 0.95 0.5 0.2 0.4\n"),
-     r"p\.txt:1 \(p\.jpg 100x50\): normalized \(cx, cy, w, h\) = \(0\.95, 0\.5, 0\.2, 0\.4\)"
+     r"labels/train/p\.txt:1 \(image p\.jpg 100x50\): normalized \(cx, cy, w, h\) = \(0\.95, 0\.5, 0\.2, 0\.4\)"
      r" -> box .* lies 5 px outside"),
     ("yolo", "zero-area box", write_text("labels/train/p.txt", "0 0.5 0.5 0 0.4\n"),
-     r"p\.txt:1 \(p\.jpg 100x50\): zero-area"),
+     r"p\.txt:1 \(image p\.jpg 100x50\): zero-area"),
     ("yolo", "inverted box", write_text("labels/train/p.txt", "0 0.5 0.5 -0.2 0.4\n"),
-     r"p\.txt:1 \(p\.jpg 100x50\): inverted"),
+     r"p\.txt:1 \(image p\.jpg 100x50\): inverted"),
     ("yolo", "unknown class", write_text("labels/train/p.txt", "2 0.5 0.5 0.2 0.4\n"),
      r"p\.txt:1: class id 2 out of range; the dataset has 2 classes \(ids 0\.\.1\)"),
-    ("yolo", "missing image", unlink("images/train/p.jpg"), r"p\.txt: label file without an image"),
+    ("yolo", "missing image", unlink("images/train/p.jpg"),
+     r"labels/train/p\.txt: label file without an image in the split \(looked for /\S+/images/train/p\.\{bmp,jpeg,jpg,png"),
     ("yolo", "unreadable image", write_text("images/train/p.jpg", b"GIF89a broken"), r"cannot read image .*p\.jpg"),
     ("yolo", "duplicate file name", copy_image("images/train/q.png", "images/train/p.png"),
      r"duplicate label file \(two images share a stem\) .*p\.txt"),
@@ -200,8 +201,10 @@ def test_bad_input_is_a_named_error(dataset_dir, format, case, breaks, message):
     root = dataset_dir[format]
     load_dataset(root, format)  # the intact fixture reads
     breaks(root)
-    with pytest.raises(DatasetFormatError, match=message):
+    with pytest.raises(DatasetFormatError, match=message) as error:
         load_dataset(root, format)
+    # the message starts with the full path of the file at fault, never a bare file name
+    assert str(error.value).startswith(str(root) + "/"), str(error.value)
 
 
 def test_every_format_covers_every_common_case():
@@ -265,9 +268,9 @@ def test_report_examples_name_locations(coco_dir):
     coco_edit(lambda d: [a.__setitem__("bbox", [2, 3, 0, 1]) for a in d["annotations"]])(coco_dir)
     dataset = load_dataset(coco_dir, split="train", repair=RepairPolicy(drop_degenerate_boxes=True))
     assert dataset.report.counts == {"drop: zero-area box": 4}
+    ann = coco_dir / "annotations" / "train.json"
     assert dataset.report.examples["drop: zero-area box"] == (
-        "train.json: annotations[0] (id=100)", "train.json: annotations[1] (id=101)",
-        "train.json: annotations[2] (id=102)")
+        f"{ann}: annotations[0] (id=100)", f"{ann}: annotations[1] (id=101)", f"{ann}: annotations[2] (id=102)")
     assert np.all([r.num_boxes == 0 for r in dataset])
     text = str(dataset.report)
     assert text.splitlines()[0].split()[0] == "4" and "annotations[0] (id=100)" in text

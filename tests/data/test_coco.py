@@ -28,7 +28,8 @@ def test_reads_fixture(coco_dir, fixtures, matches):
     assert a.image_path == coco_dir / "images" / "train" / "a.jpg"
     assert a.extras["coco_ann_id"].tolist() == [100, 102]
     assert a.extras["coco_annotation"][0]["segmentation"] == [[2, 3, 12, 3, 12, 23]]
-    assert a.box_sources == ("train.json: annotations[0] (id=100)", "train.json: annotations[2] (id=102)")
+    ann = coco_dir / "annotations" / "train.json"
+    assert a.box_sources == (f"{ann}: annotations[0] (id=100)", f"{ann}: annotations[2] (id=102)")
     assert dataset[1].extras["coco_annotation"][1]["attributes"] == {"color": "brown"}
     notes = " ".join(dataset.report.notes)
     assert "info" in notes and "supercategory" in notes

@@ -27,7 +27,8 @@ def test_reads_fixture(kitti_dir, fixtures, matches):
     np.testing.assert_allclose(first.extras["kitti_location"][1], [-3.0, 1.7, 5.0], rtol=1e-6)
     np.testing.assert_allclose(first.extras["kitti_rotation_y"], [0.01, -1.57], rtol=1e-6)
     assert np.isnan(first.extras["kitti_score"][0]) and first.extras["kitti_score"][1] == np.float32(0.95)
-    assert first.box_sources == ("000000.txt:1 (Pedestrian)", "000000.txt:2 (Car)")
+    label = kitti_dir / "training" / "label_2" / "000000.txt"
+    assert first.box_sources == (f"{label}:1 (Pedestrian)", f"{label}:2 (Car)")
 
 
 def test_splits(kitti_dir, fixtures):

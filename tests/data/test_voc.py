@@ -23,7 +23,8 @@ def test_reads_fixture(voc_dir, fixtures, matches):
         assert record.attributes["truncated"].tolist() == truncated
         assert record.attributes["occluded"].tolist() == occluded
         assert record.image_path == voc_dir / "JPEGImages" / f"{record.image_id}.jpg"
-    assert dataset[0].box_sources == ("000001.xml: object[0] (dog)", "000001.xml: object[1] (person)")
+    xml = voc_dir / "Annotations" / "000001.xml"
+    assert dataset[0].box_sources == (f"{xml}: object[0] (dog)", f"{xml}: object[1] (person)")
     assert dataset[0].extras["voc_pose"].tolist() == ["Left", "Left"]
 
 

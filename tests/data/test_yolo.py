@@ -19,7 +19,7 @@ def test_reads_fixture(yolo_dir, fixtures, matches):
     for record in dataset:
         matches(record, *fixtures.EXPECTED_YOLO[record.image_id])
         assert record.attributes == {} and record.extras == {}
-    assert dataset[0].box_sources[1].startswith("p.txt:2")
+    assert dataset[0].box_sources[1] == f"{yolo_dir / 'labels' / 'train' / 'p.txt'}:2"
     assert (dataset[0].width, dataset[0].height) == (100, 50)  # from the image header
     assert any("1 images have no label file" in note for note in dataset.report.notes)
 
@@ -36,7 +36,7 @@ def test_splits_and_names_forms(yolo_dir):
     assert dataset.label_map.names == ("square", "circle") and len(dataset) == 1
     everything = load_dataset(yolo_dir)
     assert len(everything) == 3 and any("'test' skipped" in n for n in everything.report.notes)
-    with pytest.raises(DatasetFormatError, match="split 'test' has no label directory"):
+    with pytest.raises(DatasetFormatError, match=f"split 'test' has no label folder {yolo_dir / 'labels' / 'test'}"):
         load_dataset(yolo_dir, split="test")
 
 

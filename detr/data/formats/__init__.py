@@ -1,9 +1,10 @@
-"""Reading and writing the four detection formats (COCO, VOC, YOLO, KITTI) as one record type.
+"""Reading and writing detection formats as one record type.
 
 ``load_dataset`` reads any of them into a :class:`~detr.data.dataset.DetectionDataset`;
-``write_dataset`` writes one split of a dataset in any of them. The layouts are documented in the
-format modules (:mod:`.coco`, :mod:`.voc`, :mod:`.yolo`, :mod:`.kitti`) and recognised by
-:func:`~.detect.detect_format`.
+``write_dataset`` writes one split of a dataset in any of them. Built in: COCO, VOC, YOLO, KITTI
+(layouts documented in :mod:`.coco`, :mod:`.voc`, :mod:`.yolo` / :mod:`.yolo_layout`, :mod:`.kitti`
+and recognised by :func:`~.detect.detect_format`). Through :mod:`.external`: ``datumaro:<fmt>``
+(every format Datumaro imports), a plugin's entry-point name, or ``package.module:Class``.
 
 Splits: ``split=None`` reads every split of the dataset and concatenates them in the order of
 :func:`list_splits` (VOC unites its overlapping lists instead, see :mod:`.voc`); when image ids of
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from detr.config import RepairPolicy, ViewSpec
 from detr.data.dataset import DatasetReport, DetectionDataset, ReportBuilder
-from detr.data.formats import coco, kitti, voc, yolo
+from detr.data.formats import coco, external, kitti, voc, yolo
 from detr.data.formats.detect import LAYOUTS, detect_format
 from detr.data.formats.writing import check_image_mode, check_split_name
 from detr.data.validate import BoxChecker
@@ -34,9 +35,12 @@ class DatasetWriteWarning(UserWarning):
 
 
 def _module(format: str):
-    if format not in _MODULES:
-        raise InvalidInputError(f"unknown dataset format {format!r}; expected one of {['auto', *FORMATS]}")
-    return _MODULES[format]
+    """The reader/writer of ``format``: a built-in module, or a :mod:`.external` format adapted."""
+    if not isinstance(format, str) or not format:
+        raise InvalidInputError(f"dataset format {format!r}: expected a format name such as 'coco'")
+    if format in _MODULES:
+        return _MODULES[format]
+    return external.ExternalModule(external.resolve(format), format)
 
 
 def resolve_format(path: Path, format: str = "auto") -> str:
@@ -64,7 +68,8 @@ def load_dataset(
 
     Args:
         path: the dataset directory (or a COCO ``.json`` / YOLO ``data.yaml`` file).
-        format: "auto" (from the layout, see :mod:`.detect`), "coco", "voc", "yolo" or "kitti".
+        format: "auto" (from the layout, see :mod:`.detect`), "coco", "voc", "yolo", "kitti",
+            "datumaro:<fmt>", a plugin's entry-point name or "package.module:Class" (:mod:`.external`).
         split: one split (e.g. "train"); None reads all splits concatenated (module docstring).
         view: an optional :class:`~detr.config.ViewSpec` applied after reading.
         repair: what may be repaired instead of rejected (default: nothing, every problem raises).

@@ -336,7 +336,7 @@ def _records(
             f"in categories (ids {category_ids.tolist()})"
         )
 
-    name = path.name
+    name = str(path)
 
     def where(i: int) -> str:
         return f"{name}: annotations[{i}] (id={int(ann_ids[i])})"

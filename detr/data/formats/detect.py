@@ -3,13 +3,15 @@
 Rules (names compared case-sensitively, so ``annotations/`` and ``Annotations/`` differ even on
 case-insensitive file systems):
 
-* a ``.json`` file -> COCO; a ``.yaml``/``.yml`` file -> YOLO (its ``data.yaml``);
+* a ``.json`` file -> COCO; a ``.yaml``/``.yml`` or ``.data`` file -> YOLO (its ``data.yaml`` or
+  Darknet ``obj.data``);
 * ``annotations/`` holding ``*.json`` -> COCO;
 * ``Annotations/`` -> VOC;
-* ``data.yaml``, or ``images/`` next to ``labels/`` -> YOLO;
+* ``data.yaml``, ``obj.data``, or ``images/`` next to ``labels/`` -> YOLO;
 * ``label_2/``, or a subdirectory holding ``label_2/`` -> KITTI.
 
 No match, or more than one, is an error that lists the layouts and asks for an explicit format.
+Formats read through Datumaro or a plugin are never guessed: name them (``datumaro:cvat``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from detr.errors import DatasetFormatError
 LAYOUTS = {
     "coco": "annotations/<split>.json + images/<split>/ (or a .json file)",
     "voc": "Annotations/*.xml + JPEGImages/ + ImageSets/Main/<split>.txt",
-    "yolo": "data.yaml (or classes.txt) + images/<split>/ + labels/<split>/*.txt",
+    "yolo": "data.yaml (or classes.txt) + images/<split>/ + labels/<split>/*.txt, or Darknet obj.data + obj.names",
     "kitti": "<split>/image_2/ + <split>/label_2/*.txt",
 }
 
@@ -37,11 +39,11 @@ def detect_format(path: Path) -> str:
     if path.is_file():
         if path.suffix == ".json":
             return "coco"
-        if path.suffix in (".yaml", ".yml"):
+        if path.suffix in (".yaml", ".yml", ".data"):
             return "yolo"
         raise DatasetFormatError(
             f"{path}: cannot tell the format of a {path.suffix or 'suffix-less'} file; give a COCO .json, "
-            "a YOLO data.yaml or a dataset directory"
+            "a YOLO data.yaml or obj.data, or a dataset directory"
         )
     names = _entries(path)
     found = []
@@ -49,7 +51,7 @@ def detect_format(path: Path) -> str:
         found.append("coco")
     if "Annotations" in names:
         found.append("voc")
-    if "data.yaml" in names or {"images", "labels"} <= names:
+    if "data.yaml" in names or "obj.data" in names or {"images", "labels"} <= names:
         found.append("yolo")
     if "label_2" in names or any((path / n / "label_2").is_dir() for n in names):
         found.append("kitti")
@@ -57,7 +59,10 @@ def detect_format(path: Path) -> str:
         return found[0]
     layouts = "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
     if not found:
-        raise DatasetFormatError(f"{path}: no known dataset layout found (expected one of {layouts})")
+        raise DatasetFormatError(
+            f"{path}: no known dataset layout found (expected one of {layouts}); for other formats pass "
+            "format='datumaro:<fmt>', a plugin name or 'package.module:Class'"
+        )
     raise DatasetFormatError(
         f"{path}: the layout fits several formats {found}; pass the format explicitly (one of {list(LAYOUTS)})"
     )

@@ -147,7 +147,7 @@ def _parse_file(label: Path, image: Path, width: int, height: int) -> dict:
                 raise DatasetFormatError(
                     f"{label}:{line_no}: field {field!r} must be a number, got {token!r}"
                 ) from None
-        at = f"{label.name}:{line_no}"
+        at = f"{label}:{line_no}"
         if tokens[0] == DONT_CARE:
             item["ignore"].append(values[3:7])
             item["ignore_sources"].append(f"{at} (DontCare)")

@@ -198,7 +198,7 @@ def _parse(path: Path, image_id: str, root: Path, report: ReportBuilder) -> dict
     except DefusedXmlException as e:
         raise DatasetFormatError(f"{path}: refused unsafe XML ({e})") from None
     node = tree.getroot()
-    where = path.name
+    where = str(path)
     if node.tag != "annotation":
         raise DatasetFormatError(f"{where}: root element must be <annotation>, got <{node.tag}>")
     size = node.find("size")

@@ -1,28 +1,24 @@
 """YOLO (Ultralytics/Darknet) text labels: reading and writing.
 
-Layout::
+The layouts (``data.yaml``, Roboflow's ``../`` entries, supervision's yaml without splits,
+``classes.txt``, Darknet's ``obj.data``) are resolved by :mod:`.yolo_layout`. Label files hold one
+``class cx cy w h`` line per box, normalized 0..1.
 
-    <root>/data.yaml                 names (list, or dict {id: name}), and one entry per split:
-                                     train: images/train    val: images/val
-    <root>/images/<split>/*.jpg      images
-    <root>/labels/<split>/*.txt      one file per image: "class cx cy w h" per line, normalized 0..1
+Rounding: label files hold rounded decimals, so a box touching the border can come back a little
+outside the image (5 decimals on a 320 px image: up to 0.0024 px). A corner at most the rounding of
+the line's decimals outside the image -- 0.75 x 10^-d of the image size for d decimals (half a unit
+of the last digit for the center plus half of that for half the size), and at least
+``ROUNDING`` = 1e-6 when the text shows no precision (integers) -- is put on the border and counted in
+the report. Farther is an annotation error (or a ``data.repair.clip_boxes_px`` repair).
 
-Without ``data.yaml``, class names come from ``<root>/classes.txt`` (one per line) and the splits
-are the subdirectories of ``images/``. A split entry of ``data.yaml`` is a directory, a ``.txt``
-list of image paths, or a list of those, relative to the ``path`` key (itself relative to the
-YAML's directory) or to the YAML's directory. The label file of an image is found as Ultralytics
-does: the last ``images`` directory of its path replaced by ``labels`` and the suffix by ``.txt``.
-
-Corners at most 1e-6 of the image size outside it (decimal rounding of a box touching the border)
-are put on the border and counted in the report. An image without a label file has no objects
-(YOLO's background images; counted in the notes). A label file without an image is an error
-(missing image), and so is a split whose ``labels``
-directory is missing when that split is asked for by name (with ``split=None`` such a split, e.g.
-an unlabelled ``test``, is skipped and named in the notes). Image sizes always come from the
+An image without a label file has no objects (YOLO's background images; counted in the notes). A
+label file without an image is an error naming the image paths looked for, and so is a split whose
+labels folder is missing when that split is asked for by name (with ``split=None`` such a split,
+e.g. an unlabelled ``test``, is skipped and named in the notes). Image sizes always come from the
 image headers, since the labels are normalized: ``check_images=False`` still opens each header.
-Image ids are the file stems. The writer writes ``data.yaml`` with ``names`` as a dict and one empty
-label file for an image without objects. Segment (polygon) labels are not supported: a line must
-have exactly 5 fields.
+Image ids are the file stems. The writer writes the Ultralytics layout: ``data.yaml`` with ``names``
+as a dict and one empty label file for an image without objects. Segment (polygon) labels are not
+supported: a line must have exactly 5 fields.
 """
 
 from __future__ import annotations
@@ -42,123 +38,33 @@ from detr.data.formats.writing import (
     shortest_decimals,
     unique_file_names,
 )
+from detr.data.formats.yolo_layout import (
+    CLASSES_FILE,
+    CONFIG_FILE,
+    IMAGE_SUFFIXES,
+    Entry,
+    Layout,
+    has_labels,
+    images_of,
+    label_dir,
+    label_path,
+    names_of,
+    read_layout,
+    yaml_config,
+)
 from detr.data.labelmap import LabelMap
 from detr.data.records import ImageRecord
 from detr.data.validate import BoxChecker, check_unique, read_image_size, read_text
 from detr.errors import DatasetFormatError
 
-CONFIG_FILE = "data.yaml"
-CLASSES_FILE = "classes.txt"
-NON_SPLIT_KEYS = frozenset({"path", "names", "nc", "download", "kpt_shape", "flip_idx", "channels", "yaml_file"})
-# Normalized distance outside the image that is decimal rounding of a border-touching box.
+# Normalized distance outside the image accepted as rounding when the text shows no precision.
 ROUNDING = 1e-6
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-
-
-# ---------------------------------------------------------------------------------------------
-# configuration: class names and splits
-# ---------------------------------------------------------------------------------------------
-
-
-def _config(root: Path) -> tuple[Path, Path | None, dict]:
-    """(dataset root, data.yaml path or None, its content)."""
-    config_path = root if root.is_file() else root / CONFIG_FILE
-    root = config_path.parent if root.is_file() else root
-    if not config_path.is_file():
-        return root, None, {}
-    try:
-        config = yaml.safe_load(read_text(config_path))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise DatasetFormatError(f"{config_path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(config, dict):
-        raise DatasetFormatError(f"{config_path}: expected a mapping with 'names' and split entries")
-    return root, config_path, config
-
-
-def _names_of(config_path: Path, names) -> LabelMap:
-    if isinstance(names, dict):
-        keys = sorted(names)
-        if keys != list(range(len(keys))):
-            raise DatasetFormatError(
-                f"{config_path}: 'names' keys must be the class ids 0..{len(keys) - 1}, got {keys}"
-            )
-        names = [names[k] for k in keys]
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise DatasetFormatError(f"{config_path}: 'names' must be a list of class names or a dict id -> name")
-    return LabelMap(tuple(names))
-
-
-def _label_map(root: Path, config_path: Path | None, config: dict) -> LabelMap:
-    if config_path is not None:
-        if "names" not in config:
-            raise DatasetFormatError(f"{config_path}: missing 'names' (the class names)")
-        label_map = _names_of(config_path, config["names"])
-        if "nc" in config and config["nc"] != len(label_map):
-            raise DatasetFormatError(
-                f"{config_path}: nc = {config['nc']!r} but 'names' lists {len(label_map)} classes"
-            )
-        return label_map
-    classes = root / CLASSES_FILE
-    if not classes.is_file():
-        raise DatasetFormatError(f"{root}: no {CONFIG_FILE} or {CLASSES_FILE} with the class names")
-    names = [line.strip() for line in read_text(classes).splitlines() if line.strip()]
-    return LabelMap(tuple(names))
-
-
-def _split_entries(root: Path, config_path: Path | None, config: dict) -> dict[str, list[Path]]:
-    """split -> its image directories / list files."""
-    if config_path is None:
-        folder = root / "images"
-        subdirs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-        return {p.name: [p] for p in subdirs}
-    base = config_path.parent
-    if isinstance(config.get("path"), str):
-        base = base / config["path"]
-    entries: dict[str, list[Path]] = {}
-    for key, value in config.items():
-        if key in NON_SPLIT_KEYS or value is None:
-            continue
-        values = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, str) for v in values):
-            continue
-        entries[str(key)] = [base / v for v in values]
-    return entries
 
 
 def list_splits(root: Path) -> list[str]:
     """Splits that have labels (an unlabelled ``test`` entry is not a dataset split here)."""
-    entries = _split_entries(*_config(root))
-    return [name for name, dirs in entries.items() if all(_has_labels(d) for d in dirs)]
-
-
-def _has_labels(entry: Path) -> bool:
-    if not entry.is_dir():
-        return entry.is_file()
-    try:
-        return label_path(entry / "x").parent.is_dir()
-    except DatasetFormatError:
-        return False
-
-
-def label_path(image: Path) -> Path:
-    """``.../images/x/a.jpg`` -> ``.../labels/x/a.txt`` (the last ``images`` part is replaced)."""
-    parts = list(image.parts)
-    for k in range(len(parts) - 2, -1, -1):
-        if parts[k] == "images":
-            parts[k] = "labels"
-            return Path(*parts).with_suffix(".txt")
-    raise DatasetFormatError(f"{image}: a YOLO image path must contain an 'images' directory")
-
-
-def _images_of(entry: Path, where: str) -> list[Path]:
-    if entry.is_dir():
-        return sorted(p for p in entry.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if entry.is_file() and entry.suffix == ".txt":
-        lines = [line.strip() for line in read_text(entry).splitlines() if line.strip()]
-        return [entry.parent / line for line in lines]
-    raise DatasetFormatError(f"{where}: {entry} is neither an image directory nor a .txt list of images")
+    layout = read_layout(root)
+    return [name for name, entries in layout.splits.items() if all(has_labels(e) for e in entries)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,105 +75,156 @@ def _images_of(entry: Path, where: str) -> list[Path]:
 def read(
     root: Path, split: str | None, *, checker: BoxChecker, report: ReportBuilder, check_images: bool
 ) -> DetectionDataset:
-    root, config_path, config = _config(root)
-    label_map = _label_map(root, config_path, config)
-    entries = _split_entries(root, config_path, config)
-    where = str(config_path or root / "images")
+    layout = read_layout(root)
+    where = layout.where
+    entries = layout.splits
     if not entries:
-        raise DatasetFormatError(f"{where}: no splits (expected 'train'/'val' entries or images/<split>/ dirs)")
+        raise DatasetFormatError(
+            f"{where}: no splits (expected 'train'/'val' entries, images/<split>/ folders under {layout.root}, "
+            "or '<split> = <list>.txt' lines in obj.data)"
+        )
     if split is not None:
         if split not in entries:
             raise DatasetFormatError(f"{where}: no YOLO split {split!r}; available splits: {sorted(entries)}")
         entries = {split: entries[split]}
     parts, names = [], []
-    for name, dirs in entries.items():
-        label_dirs = [label_path(d / "x").parent for d in dirs if d.is_dir()]
-        missing = [d for d in label_dirs if not d.is_dir()]
-        if missing:
+    for name, split_entries in entries.items():
+        problem = _unreadable(split_entries)
+        if problem:
             if split is not None:
-                raise DatasetFormatError(f"{where}: split {name!r} has no label directory {missing[0]}")
-            report.note(f"split {name!r} skipped: no label directory {missing[0]}")
+                raise DatasetFormatError(f"{where}: split {name!r} {problem}")
+            report.note(f"split {name!r} skipped: {problem}")
             continue
-        parts.append(_read_split(root, name, dirs, label_dirs, label_map, checker, report, where))
+        parts.append(_read_split(layout, name, split_entries, checker, report))
         names.append(name)
     if not parts:
-        raise DatasetFormatError(f"{where}: no split has labels")
+        raise DatasetFormatError(f"{where}: no split has labels ({'; '.join(report.build().notes)})")
     if len(parts) == 1:
         return parts[0]
-    return concatenate(parts, names, name=root.name)
+    return concatenate(parts, names, name=layout.root.name)
+
+
+def _unreadable(entries: list[Entry]) -> str:
+    """Why a split cannot be read ("" when it can)."""
+    for entry in entries:
+        if not entry.exists:
+            return f"has no images: {entry.describe_missing()}"
+        if entry.path.is_dir() and not label_dir(entry.path).is_dir():
+            return f"has no label folder {label_dir(entry.path)}"
+    return ""
 
 
 def _read_split(
-    root: Path, split: str, entries: list[Path], label_dirs: list[Path], label_map: LabelMap,
-    checker: BoxChecker, report: ReportBuilder, where: str,
+    layout: Layout, split: str, entries: list[Entry], checker: BoxChecker, report: ReportBuilder
 ) -> DetectionDataset:
-    images = [image for entry in entries for image in _images_of(entry, f"{where}: {split}")]
+    where = f"{layout.where}: split {split!r}"
+    images = [image for entry in entries for image in images_of(entry, where, layout.root)]
     labels = [label_path(image) for image in images]
     check_unique([str(p) for p in labels], [str(p) for p in images], "label file (two images share a stem)")
     check_unique([p.stem for p in images], [str(p) for p in images], "image id (file stem)")
-    expected = set(labels)
-    for label_dir in label_dirs:
-        for txt in sorted(label_dir.rglob("*.txt")):
-            if txt not in expected and txt.name != CLASSES_FILE:
-                raise DatasetFormatError(f"{txt}: label file without an image (no {txt.stem}.* in the split's images)")
+    _check_orphan_labels(layout, entries, labels)
     records, unlabelled = [], 0
     pairs = list(zip(images, labels, strict=True))
     for image, label in tqdm(pairs, desc=f"reading {split}", unit="img", disable=None, leave=False):
-        width, height = read_image_size(image, referenced_by=f"{where}: split {split!r}")
+        width, height = read_image_size(image, referenced_by=where)
         if not label.is_file():
             unlabelled += 1
-        records.append(_record(image, label, width, height, label_map, checker))
+        records.append(_record(image, label, width, height, layout.label_map, checker))
     if unlabelled:
         report.note(f"split {split!r}: {unlabelled} images have no label file (read as images without objects)")
-    return DetectionDataset(tuple(records), label_map, f"{root.name}:{split}", "yolo")
+    return DetectionDataset(tuple(records), layout.label_map, f"{layout.root.name}:{split}", "yolo")
 
 
-def _parse_lines(label: Path, num_classes: int) -> tuple[list[int], list[list[float]], list[str]]:
-    classes, values, sources = [], [], []
+def _check_orphan_labels(layout: Layout, entries: list[Entry], labels: list[Path]) -> None:
+    """A label file in a split's label folders that belongs to no image is an error: its boxes would
+    be lost silently. Files of the layout itself (lists, class names) are not labels."""
+    expected = set(labels)
+    own_files = {layout.root / CLASSES_FILE, *(e.path for es in layout.splits.values() for e in es)}
+    if layout.config_path is not None:
+        own_files.add(layout.config_path)
+    folders = {label.parent for label in labels}
+    found = {txt for folder in folders if folder.is_dir() for txt in folder.glob("*.txt")}
+    for entry in entries:
+        if entry.path.is_dir() and label_dir(entry.path).is_dir():
+            found.update(label_dir(entry.path).rglob("*.txt"))
+    for txt in sorted(found - expected - own_files):
+        if txt.name != CLASSES_FILE:
+            suffixes = ",".join(s.lstrip(".") for s in sorted(IMAGE_SUFFIXES))
+            raise DatasetFormatError(
+                f"{txt}: label file without an image in the split (looked for {image_stem(txt)}.{{{suffixes}}})"
+            )
+
+
+def image_stem(label: Path) -> Path:
+    """Where the image of ``label`` would be, without its suffix (``labels`` -> ``images``)."""
+    parts = list(label.parts)
+    for k in range(len(parts) - 2, -1, -1):
+        if parts[k] == "labels":
+            parts[k] = "images"
+            break
+    return Path(*parts).with_suffix("")
+
+
+def _decimals(token: str) -> int:
+    """Digits after the point as written ("0.12345" -> 5, "1.5e-03" -> 4, "1" -> 0)."""
+    mantissa, _, exponent = token.lower().partition("e")
+    digits = len(mantissa.partition(".")[2])
+    try:
+        return max(digits - int(exponent or 0), 0)
+    except ValueError:
+        return digits
+
+
+def _parse_lines(label: Path, num_classes: int) -> tuple[list[int], list[list[float]], list[int], list[str]]:
+    classes, values, decimals, sources = [], [], [], []
     for line_no, line in enumerate(read_text(label).splitlines(), 1):
         tokens = line.split()
         if not tokens:
             continue
-        at = f"{label.name}:{line_no}"
+        at = f"{label}:{line_no}"
         if len(tokens) != 5:
             raise DatasetFormatError(
-                f"{label}:{line_no}: expected 5 fields 'class cx cy w h', got {len(tokens)} "
+                f"{at}: expected 5 fields 'class cx cy w h', got {len(tokens)} "
                 f"({line.strip()!r}; segment labels are not supported)"
             )
         try:
             class_id = int(tokens[0])
         except ValueError:
-            raise DatasetFormatError(f"{label}:{line_no}: class id must be an integer, got {tokens[0]!r}") from None
+            raise DatasetFormatError(f"{at}: class id must be an integer, got {tokens[0]!r}") from None
         if not 0 <= class_id < num_classes:
             raise DatasetFormatError(
-                f"{label}:{line_no}: class id {class_id} out of range; the dataset has {num_classes} "
+                f"{at}: class id {class_id} out of range; the dataset has {num_classes} "
                 f"classes (ids 0..{num_classes - 1})"
             )
         try:
             values.append([float(t) for t in tokens[1:]])
         except ValueError:
-            raise DatasetFormatError(f"{label}:{line_no}: cx cy w h must be numbers, got {tokens[1:]}") from None
+            raise DatasetFormatError(f"{at}: cx cy w h must be numbers, got {tokens[1:]}") from None
         classes.append(class_id)
+        decimals.append(max(_decimals(t) for t in tokens[1:]))
         sources.append(at)
-    return classes, values, sources
+    return classes, values, decimals, sources
+
+
+def rounding_tolerance(decimals: np.ndarray) -> np.ndarray:
+    """Normalized distance outside the image that the rounding of ``decimals`` [N] explains."""
+    tolerance = np.where(decimals > 0, 0.75 * 10.0 ** -decimals.astype(np.float64), 0.0)
+    return np.maximum(tolerance, ROUNDING)
 
 
 def _clamp_rounding(
-    xyxy: np.ndarray, width: int, height: int, where: list[str], checker: BoxChecker
+    xyxy: np.ndarray, width: int, height: int, decimals: np.ndarray, where: list[str], checker: BoxChecker
 ) -> np.ndarray:
-    """Put corners that lie at most ``ROUNDING`` (normalized) outside the image on its border.
-
-    Label files hold rounded decimals (Ultralytics writes 6), so a box touching the border can come
-    back a few 1e-4 px outside it. That is rounding, not an annotation error; it is still counted.
-    """
+    """Put corners that lie within the line's rounding outside the image on its border (counted)."""
     size = np.array([width, height, width, height], dtype=np.float64)
-    low = (xyxy < 0) & (xyxy >= -ROUNDING * size)
-    high = (xyxy > size) & (xyxy <= size * (1 + ROUNDING))
+    tolerance = rounding_tolerance(decimals)[:, None] * size  # [N, 4] pixels
+    low = (xyxy < 0) & (xyxy >= -tolerance)
+    high = (xyxy > size) & (xyxy <= size + tolerance)
     rounded = (low | high).any(axis=1)
     if rounded.any():
         idx = np.flatnonzero(rounded)
         checker.report.add(
-            f"repair: box corner <= {ROUNDING:g} x image size outside put on the border (decimal rounding)",
+            "repair: box corner outside the image by less than the rounding of its decimals put on the border",
             [where[i] for i in idx[:3]],
             count=len(idx),
         )
@@ -277,12 +234,13 @@ def _clamp_rounding(
 def _record(
     image: Path, label: Path, width: int, height: int, label_map: LabelMap, checker: BoxChecker
 ) -> ImageRecord:
-    classes, values, sources = _parse_lines(label, len(label_map)) if label.is_file() else ([], [], [])
-    where = [f"{s} ({image.name} {width}x{height})" for s in sources]
+    parsed = _parse_lines(label, len(label_map)) if label.is_file() else ([], [], [], [])
+    classes, values, decimals, sources = parsed
+    where = [f"{s} (image {image.name} {width}x{height})" for s in sources]
     norm = np.asarray(values, dtype=np.float64).reshape(-1, 4)  # [N, 4] normalized cx cy w h
     cx, cy, w, h = norm.T
     xyxy = np.stack([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], 1)
-    xyxy = _clamp_rounding(xyxy, width, height, where, checker)
+    xyxy = _clamp_rounding(xyxy, width, height, np.asarray(decimals, dtype=np.int64), where, checker)
     boxes, keep = checker.check(
         xyxy, width, height, where,
         describe=lambda i: "normalized (cx, cy, w, h) = (" + ", ".join(f"{v:g}" for v in norm[i]) + ")",
@@ -310,8 +268,8 @@ def write(dataset: DetectionDataset, out_dir: Path, split: str, images: str) -> 
     config: dict = {}
     existing = None
     if config_path.is_file():
-        _, _, config = _config(out_dir)
-        existing = _names_of(config_path, config["names"]) if "names" in config else None
+        config = yaml_config(config_path)
+        existing = names_of(config_path, config["names"]) if "names" in config else None
     label_map = directory_label_map(existing, dataset.label_map, config_path)
     class_ids = dataset.label_map.mapping_to(label_map)  # [K_dataset] -> id in data.yaml
     if split in config or (out_dir / "labels" / split).exists():
