@@ -60,17 +60,28 @@ class PartTimer:
         finally:
             self.seconds[name] += time.perf_counter() - started
 
-    def hook(self, module: torch.nn.Module, name: str) -> None:
-        """Adds the time of every forward of ``module`` to ``name``."""
+    def hook(self, module: torch.nn.Module, name: str, *, outside: torch.nn.Module | None = None) -> None:
+        """Adds the time of every forward of ``module`` to ``name``; with ``outside``, only of the calls
+        made while ``outside`` is not running (box refinement calls the heads inside the decoder,
+        where the decoder's time already counts them)."""
+        inside = self._running(outside) if outside is not None else None
 
         def before(mod, args):
-            self._started[id(mod)] = time.perf_counter()
+            if inside is None or not inside["now"]:
+                self._started[id(mod)] = time.perf_counter()
 
         def after(mod, args, output):
-            self.seconds[name] += time.perf_counter() - self._started.pop(id(mod))
+            if id(mod) in self._started:
+                self.seconds[name] += time.perf_counter() - self._started.pop(id(mod))
 
         module.register_forward_pre_hook(before)
         module.register_forward_hook(after)
+
+    def _running(self, module: torch.nn.Module) -> dict[str, bool]:
+        state = {"now": False}
+        module.register_forward_pre_hook(lambda mod, args: state.update(now=True))
+        module.register_forward_hook(lambda mod, args, output: state.update(now=False))
+        return state
 
 
 def forward_parts(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
@@ -83,7 +94,7 @@ def forward_parts(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
         "forward: input projection": _called(model.input_proj),
         "forward: encoder": [transformer.encoder],
         "forward: decoder": [transformer.decoder],
-        "forward: heads": _called(model.class_embed) + _called(model.bbox_embed),
+        "forward: heads (after the decoder)": _called(model.class_embed) + _called(model.bbox_embed),
     }
     deformable = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
     if deformable:
@@ -162,7 +173,7 @@ def main() -> None:
         timer = PartTimer()
         for name, modules in forward_parts(model).items():
             for module in modules:
-                timer.hook(module, name)
+                timer.hook(module, name, outside=model.transformer if "heads" in name else None)
         timer.hook(criterion.matcher, "criterion:   of which matching")
 
         batches = iter(loader)
