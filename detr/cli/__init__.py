@@ -263,7 +263,7 @@ def _add_train_commands(commands) -> None:
 
 def _cmd_train(args) -> None:
     from detr.config import load_config
-    from detr.engine.run import train_from_config
+    from detr.run import train_from_config
 
     config = load_config(args.config, _overrides(args))
     outcome = train_from_config(config, resume=args.resume, track=not args.no_track)
@@ -290,7 +290,7 @@ def _cmd_evaluate(args) -> None:
     import json
 
     from detr.config import load_config
-    from detr.engine.run import evaluate_checkpoint
+    from detr.run import evaluate_checkpoint
 
     overrides = _overrides(args)
     config = load_config(args.config, overrides) if args.config or overrides else None

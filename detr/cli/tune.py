@@ -49,9 +49,9 @@ def _add_tune_command(commands) -> None:
 def _cmd_tune(args) -> None:
     from detr.cli import _overrides, _print_serve_hint
     from detr.config import load_config
-    from detr.search_space import load_search_space
+    from detr.search.space import load_search_space
     from detr.tracking import ui_command
-    from detr.tune import run_search
+    from detr.search.tune import run_search
 
     if args.alias and not args.register:
         raise InvalidInputError("--alias needs --register NAME")

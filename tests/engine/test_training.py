@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from detr.config import Config, load_config
-from detr.engine.checkpoint import load_checkpoint
-from detr.engine.run import evaluate_checkpoint, train_from_config
+from detr.checkpoints.format import load_checkpoint
+from detr.run import evaluate_checkpoint, train_from_config
 from detr.engine.trainer import NonFiniteLossError
 from detr.errors import CheckpointError, DatasetFormatError
 
