@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from detr.checkpoints.format import CheckpointDirectory, load_checkpoint
 from detr.config import Config
 from detr.data.dataset import DetectionDataset
 from detr.data.labelmap import LabelMap
@@ -23,7 +24,6 @@ from detr.data.loader import build_loader
 from detr.data.sources import load_splits
 from detr.data.transforms import build_split_transforms
 from detr.engine.callbacks import Callback, EpochSummary
-from detr.checkpoints.format import CheckpointDirectory, load_checkpoint
 from detr.engine.distributed import DistributedContext, init_distributed, shutdown_distributed
 from detr.engine.evaluation import Evaluator
 from detr.engine.optim import build_optimizer, build_scheduler

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from detr.data.labelmap import LabelMap
-from detr.checkpoints.format import save_checkpoint
-from detr.errors import CheckpointError, InvalidInputError
-from detr.models.build import build_model
 from detr.checkpoints.convert_arch import infer_config
 from detr.checkpoints.convert_hf import read_hf
 from detr.checkpoints.convert_sources import SourceWeights, read_official_deformable, read_official_detr
+from detr.checkpoints.format import save_checkpoint
+from detr.data.labelmap import LabelMap
+from detr.errors import CheckpointError, InvalidInputError
+from detr.models.build import build_model
 
 SOURCES = ("detr", "deformable_detr", "hf")
 _CLASS_HEAD = re.compile(r"^class_embed(?:\.(\d+))?\.(weight|bias)$")

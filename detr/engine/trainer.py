@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from detr.engine.callbacks import Callback
 from detr.checkpoints.format import CheckpointDirectory
-from detr.engine.state import TrainingState, capture_rng_state, restore_rng_state
+from detr.engine.callbacks import Callback
 from detr.engine.evaluation import Evaluator
 from detr.engine.sampler import ResumableSampler
+from detr.engine.state import TrainingState, capture_rng_state, restore_rng_state
 from detr.errors import DetrError
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from detr.checkpoints.format import save_checkpoint
 from detr.config import config_from_dict
 from detr.data.labelmap import LabelMap
 from detr.data.synth import image_rng, render_scene
-from detr.checkpoints.format import save_checkpoint
 from detr.models.build import build_model
 from tests.models.conftest import TINY
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from detr.checkpoints.format import save_checkpoint
 from detr.cli import main
 from detr.config import Config
 from detr.data.labelmap import LabelMap
-from detr.checkpoints.format import save_checkpoint
 from detr.errors import DetrError, InvalidInputError
 from detr.models.build import build_model
 from detr.models.export import export_onnx

@@ -21,8 +21,8 @@ import torch
 import yaml
 
 from deploy.images import encode_png_base64
-from detr.cli import main
 from detr.checkpoints.format import load_checkpoint
+from detr.cli import main
 from detr.config import apply_overrides, load_config
 from detr.data.synth import CLASSES, image_rng, render_scene
 from detr.errors import ConfigError, InvalidInputError
