@@ -119,12 +119,16 @@ def predict(
     if sizes.shape != (len(own_sizes), 2):
         raise InvalidInputError(f"image_sizes must give (H, W) for each of the {len(own_sizes)} images, "
                                 f"got shape {tuple(sizes.shape)}")
+    # A model already in eval mode is left untouched, so that threads serving one model (the REST
+    # app) never write to it.
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     try:
         outputs = model(batch, masks)
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     detections = postprocess_for(model, params.max_detections)(outputs, sizes.to(device))
     results = []
     for det in detections:
