@@ -23,9 +23,10 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from deploy.detector import BOX_FORMATS, MAX_DETECTIONS_LIMIT, DetectionParams, Detector
+from deploy.detector import Detector
 from deploy.images import ImageLimits, decode_image_bytes
 from detr.errors import DetrError, InvalidInputError
+from detr.models.detection_params import BOX_FORMATS, MAX_DETECTIONS_LIMIT, SCORE_THRESHOLD_RANGE, DetectionParams
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_IMAGES = 16
@@ -154,7 +155,9 @@ def create_app(
     @app.post("/model/predict", summary="detect objects in one or more uploaded images")
     def predict(
         image: Annotated[list[UploadFile], File(description="image files (JPEG, PNG, ...); repeat for several")],
-        score_threshold: Annotated[float, Query(ge=0.0, le=1.0)] = _DEFAULTS.score_threshold,
+        # The bounds come from DetectionParams' rule: declared here, they appear in the OpenAPI schema.
+        score_threshold: Annotated[float, Query(ge=SCORE_THRESHOLD_RANGE[0], le=SCORE_THRESHOLD_RANGE[1])] = (
+            _DEFAULTS.score_threshold),
         max_detections: Annotated[int, Query(ge=1, le=MAX_DETECTIONS_LIMIT)] = _DEFAULTS.max_detections,
         box_format: Annotated[Literal[BOX_FORMATS], Query()] = _DEFAULTS.box_format,
     ) -> dict[str, Any]:

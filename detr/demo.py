@@ -70,7 +70,7 @@ def run_demo(
     from detr.data.formats import load_dataset
     from detr.data.show import save_drawn_record
     from detr.data.stats import compute_stats
-    from detr.engine.run import evaluate_checkpoint, train_from_config
+    from detr.run import evaluate_checkpoint, train_from_config
     from detr.tracking import log_evaluation_to_run, resolve_tracking_uri
 
     out, data = Path(out), Path(data)

@@ -1,4 +1,5 @@
-"""MLflow tracking: the only module of the train side that calls mlflow.
+"""MLflow tracking of training runs. Below this layer nothing imports mlflow (an import-linter
+contract in pyproject.toml); the search records its sweep in ``detr.search.runs``.
 
 Default store: ``sqlite:///mlflow.db`` in the working directory; ``MLFLOW_TRACKING_URI`` (or
 ``tracking.tracking_uri`` in the config) points elsewhere, e.g. an ``mlflow server``. Under
@@ -22,7 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import mlflow
 import numpy as np
@@ -31,10 +32,23 @@ from detr.engine.callbacks import Callback
 
 if TYPE_CHECKING:
     from detr.data.dataset import DetectionDataset
-    from detr.engine.checkpoint import TrainingState
+    from detr.engine.state import TrainingState
     from detr.engine.trainer import Trainer
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class LoggedModel(Protocol):
+    serving_uri: str  # models:/<name>@<alias> when registered with an alias, else the logged model's URI
+
+
+class ModelLogger(Protocol):
+    """Logs a checkpoint as the active run's pyfunc model, registered under ``registered_name`` with
+    ``alias`` when given. The serve side provides it (``deploy.packaging.log_detr_model``): training
+    is handed it by the config boundary and never imports ``deploy``."""
+
+    def __call__(self, checkpoint: str | Path, *, registered_name: str | None = None,
+                 alias: str | None = None) -> LoggedModel: ...
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -249,9 +263,10 @@ class MlflowCallback(Callback):
         log_every_steps: step losses are logged every this many optimizer steps.
         served_model: (registered name or None, alias) to log the finished run's best checkpoint
             as its pyfunc model "model" (and register it under the name); None: no model.
+        log_model: what logs that model (needed with ``served_model``).
 
     Attributes:
-        logged_model: the served model logged when training finished (``deploy.packaging``).
+        logged_model: the served model logged when training finished.
     """
 
     def __init__(
@@ -265,9 +280,13 @@ class MlflowCallback(Callback):
         pr_curves: Callable[[], Any] | None = None,
         log_every_steps: int = 10,
         served_model: tuple[str | None, str] | None = None,
+        log_model: ModelLogger | None = None,
     ) -> None:
+        if served_model is not None and log_model is None:
+            raise ValueError("served_model needs log_model, the function that logs the model")
         self.config = dict(config)
         self.served_model = served_model
+        self.log_model = log_model
         self.logged_model = None
         self.label_map = dict(label_map)
         self.datasets = dict(datasets)
@@ -333,14 +352,12 @@ class MlflowCallback(Callback):
             self._log_served_model(trainer)
 
     def _log_served_model(self, trainer: Trainer) -> None:
-        from deploy.packaging import log_detr_model
-
         best = trainer.checkpoints.best_path if trainer.checkpoints is not None else None
         checkpoint = best if best is not None and best.is_file() else trainer.last_checkpoint
         if checkpoint is None or not checkpoint.is_file():
             return
         name, alias = self.served_model
-        self.logged_model = log_detr_model(checkpoint, registered_name=name, alias=alias if name else None)
+        self.logged_model = self.log_model(checkpoint, registered_name=name, alias=alias if name else None)
         mlflow.set_tags({"served_model_uri": self.logged_model.serving_uri,
                          "served_checkpoint": checkpoint.name})
 

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from detr.cli import _overrides, _parser
+from detr.cli import _parser
+from detr.cli.common import _overrides
 from detr.config import load_config
 from detr.data.synth import generate_synthetic_dataset
 

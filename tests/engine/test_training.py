@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from detr.checkpoints.format import load_checkpoint
 from detr.config import Config, load_config
-from detr.engine.checkpoint import load_checkpoint
-from detr.engine.run import evaluate_checkpoint, train_from_config
 from detr.engine.trainer import NonFiniteLossError
 from detr.errors import CheckpointError, DatasetFormatError
+from detr.run import evaluate_checkpoint, train_from_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,8 +1,11 @@
-"""The training boundary: a resolved ``Config`` in, a trained model and its checkpoints out.
+"""The config boundary: a resolved ``Config`` in, a trained model and its checkpoints out.
 
 This is where the config is unpacked into typed arguments for the data loaders, model, criterion,
-optimizer, schedule, evaluator and trainer; nothing below receives the config object. The CLI,
-the MLproject entry points, the Ray Tune trainable and notebooks all call ``train_from_config``.
+optimizer, schedule, evaluator, trainer and MLflow tracking; nothing below receives the config
+object. It is also where training is handed the serve side's model logger
+(``deploy.packaging.log_detr_model``), so that neither the engine nor the tracking imports
+``deploy``. The CLI, the MLproject entry points, the search's trials and notebooks all call
+``train_from_config``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from detr.checkpoints.format import CheckpointDirectory, load_checkpoint
 from detr.config import Config
 from detr.data.dataset import DetectionDataset
 from detr.data.labelmap import LabelMap
@@ -20,7 +24,6 @@ from detr.data.loader import build_loader
 from detr.data.sources import load_splits
 from detr.data.transforms import build_split_transforms
 from detr.engine.callbacks import Callback, EpochSummary
-from detr.engine.checkpoint import CheckpointDirectory, load_checkpoint
 from detr.engine.distributed import DistributedContext, init_distributed, shutdown_distributed
 from detr.engine.evaluation import Evaluator
 from detr.engine.optim import build_optimizer, build_scheduler
@@ -150,9 +153,9 @@ def _build_trainer(
     train_cfg, data_cfg = config.train, config.data
     # Same seed on every rank: identical initial weights (DDP also broadcasts them from rank 0).
     torch.manual_seed(train_cfg.seed)
-    model = build_model(config, len(label_map)).to(device)
-    criterion = build_criterion(config, len(label_map)).to(device)
-    postprocess = build_postprocess(config)
+    model = build_model(config.model, len(label_map)).to(device)
+    criterion = build_criterion(config.model, len(label_map)).to(device)
+    postprocess = build_postprocess(config.model)
 
     sampler = ResumableSampler(len(train_set), shuffle=True, seed=train_cfg.seed,
                                rank=dist_ctx.rank, world_size=dist_ctx.world_size)
@@ -211,6 +214,7 @@ def _build_trainer(
 
 def _mlflow_callback(config: Config, trainer: Trainer, train_set: DetectionDataset,
                      val_set: DetectionDataset | None) -> Callback:
+    from deploy.packaging import log_detr_model
     from detr.engine.overlays import OverlayRenderer
     from detr.engine.pr_curves import coco_curves, pr_figure
     from detr.ops.dispatch import choose_backend
@@ -245,6 +249,7 @@ def _mlflow_callback(config: Config, trainer: Trainer, train_set: DetectionDatas
         log_every_steps=config.tracking.log_every_steps,
         served_model=((config.tracking.registered_model, config.tracking.registered_alias)
                       if config.tracking.log_model else None),
+        log_model=log_detr_model,
     )
 
 
@@ -259,7 +264,7 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """COCO and VOC metrics of a checkpoint on a split of ``config``'s data (default: the config
     stored in the checkpoint). The checkpoint's label map must equal the dataset's."""
-    from detr.models.load import load_model
+    from detr.checkpoints.load import load_model
 
     torch_device = resolve_device(device)
     model, stored_config, label_map = load_model(checkpoint, device=torch_device)
@@ -272,5 +277,5 @@ def evaluate_checkpoint(
     loader = build_loader(dataset, build_split_transforms(config.data.transforms, "val"),
                           batch_size=batch_size or config.train.batch_size, shuffle=False,
                           num_workers=config.data.num_workers)
-    return evaluate_model(model, loader, build_postprocess(config), Evaluator(dataset), torch_device,
+    return evaluate_model(model, loader, build_postprocess(config.model), Evaluator(dataset), torch_device,
                           progress=progress)
