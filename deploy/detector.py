@@ -24,7 +24,7 @@ from detr.config import Config
 from detr.data.labelmap import LabelMap
 from detr.data.transforms import DetectionTransforms, build_split_transforms
 from detr.errors import InvalidInputError
-from detr.models.postprocess import PostProcess
+from detr.models.postprocess import DEFAULT_SCORE_THRESHOLD, PostProcess
 
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 MAX_DETECTIONS_LIMIT = 1000
@@ -35,7 +35,7 @@ class DetectionParams:
     """Per-request settings. ``box_format``: xyxy (corners), xywh (COCO: top-left corner, width,
     height) or cxcywh (centre, width, height), all in pixels of the original image."""
 
-    score_threshold: float = 0.5
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD
     max_detections: int = 100
     box_format: str = "xyxy"
 

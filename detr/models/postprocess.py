@@ -19,6 +19,10 @@ from torchvision.ops import box_convert
 from detr.errors import InvalidInputError
 from detr.models.inputs import check_model_inputs, pad_images
 
+# The score a detection needs to be returned by `detr.predict` and a served model unless a request
+# says otherwise; evaluation diagnostics (confusion matrix, drawn images) are taken at it too.
+DEFAULT_SCORE_THRESHOLD = 0.5
+
 
 class PostProcess(nn.Module):
     """Args:
@@ -82,7 +86,7 @@ def postprocess_for(model: nn.Module, max_detections: int = 100) -> PostProcess:
 def predict(
     model: nn.Module,
     images: torch.Tensor | Sequence[torch.Tensor],
-    score_threshold: float = 0.5,
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
     *,
     max_detections: int = 100,
     image_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
