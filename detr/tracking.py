@@ -166,6 +166,28 @@ def log_evaluation_to_run(
     client.set_tag(run_id, f"evaluated_checkpoint.{split}", str(Path(checkpoint).resolve()))
 
 
+def log_diagnostic_report(report: Any, run_id: str, *, artifact_dir: str = "diagnostics", metric_prefix: str = "",
+                          log_metrics: bool = True, tracking_uri: str | None = None) -> None:
+    """Log a :class:`detr.engine.diagnostics.DiagnosticReport` to a run: its metrics (with
+    ``metric_prefix``, unless ``log_metrics`` is false), and under ``artifact_dir`` the confusion matrix and TIDE charts (PNG), their
+    JSON, the per-class and worst-image tables, the summary text and the worst images drawn."""
+    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    now_ms = int(time.time() * 1000)
+    metrics = clean_metrics({metric_prefix + k: v for k, v in report.metrics().items()}) if log_metrics else {}
+    items = list(metrics.items())
+    for i in range(0, len(items), 1000):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, now_ms, 0) for k, v in items[i : i + 1000]])
+    for name, figure in report.figures().items():
+        client.log_figure(run_id, figure, f"{artifact_dir}/{name}")
+    for name, data in report.dicts().items():
+        client.log_dict(run_id, data, f"{artifact_dir}/{name}")
+    for name, table in report.tables().items():
+        client.log_table(run_id, table, f"{artifact_dir}/{name}")
+    client.log_text(run_id, report.summary() + "\n", f"{artifact_dir}/summary.txt")
+    for name, image in report.worst_images:
+        client.log_image(run_id, image, artifact_file=f"{artifact_dir}/worst_images/{name}")
+
+
 def metric_key(name: str) -> str:
     """MLflow accepts letters, digits, ``_ - . : /`` and spaces in metric names; class names in
     per-class metrics may hold anything else, which becomes ``_``."""
@@ -237,6 +259,8 @@ class MlflowCallback(Callback):
         overlays: returns (name, HxWx3 uint8 image) pairs of predictions drawn on a few validation
             images for the current model; called after each evaluation.
         pr_curves: returns a matplotlib Figure of the latest evaluation's PR curves (or None).
+        diagnostics: returns the latest evaluation's ``DiagnosticReport`` (or None); logged under
+            ``diagnostics/`` when training finishes (the evaluation of the final epoch).
         log_every_steps: step losses are logged every this many optimizer steps.
         served_model: (registered name or None, alias) to log the finished run's best checkpoint
             as its pyfunc model "model" (and register it under the name); None: no model.
@@ -254,6 +278,7 @@ class MlflowCallback(Callback):
         tags: Mapping[str, str] = {},
         overlays: Callable[[], list[tuple[str, np.ndarray]]] | None = None,
         pr_curves: Callable[[], Any] | None = None,
+        diagnostics: Callable[[], Any] | None = None,
         log_every_steps: int = 10,
         served_model: tuple[str | None, str] | None = None,
     ) -> None:
@@ -265,6 +290,7 @@ class MlflowCallback(Callback):
         self.tags = dict(tags)
         self.overlays = overlays
         self.pr_curves = pr_curves
+        self.diagnostics = diagnostics
         self.log_every_steps = max(1, log_every_steps)
         self.loss_history: dict[str, list[tuple[int, float]]] = {}
 
@@ -318,6 +344,10 @@ class MlflowCallback(Callback):
                 last = shutil.copyfile(trainer.last_checkpoint, Path(tmp) / "last.pt")
                 mlflow.log_artifact(str(last), artifact_path="checkpoints")
         mlflow.set_tag("training_status", status)
+        if status == "finished" and self.diagnostics is not None:
+            report = self.diagnostics()
+            if report is not None:
+                log_diagnostic_report(report, mlflow.active_run().info.run_id, tracking_uri=mlflow.get_tracking_uri())
         if status == "finished" and self.served_model is not None:
             self._log_served_model(trainer)
 

@@ -19,9 +19,11 @@ tracking layer.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -323,6 +325,33 @@ def build_report(
                                    label_map.names, score_threshold)
             drawn.append((f"worst_{rank:02d}_image_{_safe(w.image_id)}.png", image))
     return DiagnosticReport(diagnostics, tuple(drawn))
+
+
+def save_report(report: DiagnosticReport, directory: str | Path) -> list[Path]:
+    """Write a report's charts (PNG), JSON, tables, summary and worst images into ``directory``."""
+    from PIL import Image
+
+    directory = Path(directory)
+    (directory / "worst_images").mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, figure in report.figures().items():
+        figure.savefig(directory / name, format="png")
+        written.append(directory / name)
+    for name, data in {**report.dicts(), **report.tables()}.items():
+        (directory / name).write_text(json.dumps(data, indent=1, default=_json_number) + "\n")
+        written.append(directory / name)
+    (directory / "summary.txt").write_text(report.summary() + "\n")
+    written.append(directory / "summary.txt")
+    for name, image in report.worst_images:
+        Image.fromarray(image).save(directory / "worst_images" / name)
+        written.append(directory / "worst_images" / name)
+    return written
+
+
+def _json_number(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _safe(image_id: int | str) -> str:
