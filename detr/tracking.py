@@ -169,8 +169,9 @@ def log_evaluation_to_run(
 def log_diagnostic_report(report: Any, run_id: str, *, artifact_dir: str = "diagnostics", metric_prefix: str = "",
                           log_metrics: bool = True, tracking_uri: str | None = None) -> None:
     """Log a :class:`detr.engine.diagnostics.DiagnosticReport` to a run: its metrics (with
-    ``metric_prefix``, unless ``log_metrics`` is false), and under ``artifact_dir`` the confusion matrix and TIDE charts (PNG), their
-    JSON, the per-class and worst-image tables, the summary text and the worst images drawn."""
+    ``metric_prefix``, unless ``log_metrics`` is false), and under ``artifact_dir`` the confusion
+    matrix and TIDE charts (PNG), their JSON, the per-class and worst-image tables, the summary
+    text and the worst images drawn."""
     client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
     now_ms = int(time.time() * 1000)
     metrics = clean_metrics({metric_prefix + k: v for k, v in report.metrics().items()}) if log_metrics else {}

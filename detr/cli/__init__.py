@@ -263,7 +263,8 @@ def _add_train_commands(commands) -> None:
                    help="score a detection needs for the confusion matrix, recall and drawn images "
                         "(default: the one a served model applies when a request names none)")
     p.add_argument("--report", type=Path, metavar="DIR",
-                   help="also write the diagnostics (confusion matrix, TIDE errors, per-class table, worst images) here")
+                   help="also write the diagnostics (confusion matrix, TIDE errors, per-class table, worst images) "
+                        "into DIR")
     p.set_defaults(func=_cmd_evaluate)
 
 

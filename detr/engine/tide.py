@@ -254,7 +254,8 @@ def _mean_ap(tally: _Tally, fixed: set[str] | None, *, perfect_precision: bool =
     return _mean_over_classes(tally, points, num_objects)
 
 
-def _mean_over_classes(tally: _Tally, points: dict[int, list[tuple[float, bool]]], num_objects: dict[int, int]) -> float:
+def _mean_over_classes(tally: _Tally, points: dict[int, list[tuple[float, bool]]],
+                       num_objects: dict[int, int]) -> float:
     aps = [_average_precision(points[c], num_objects[c]) for c in tally.classes if points[c] or num_objects[c]]
     return float(np.mean(aps)) if aps else math.nan
 

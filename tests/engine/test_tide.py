@@ -108,7 +108,8 @@ def test_hand_computed_errors(make_record, make_dataset):
         make_record(3, [[0, 0, 100, 100]], [0], width=400, height=400),
     ]
     dets = [
-        {"image_id": 1, "boxes": np.array([[0, 0, 100, 100], [0, 0, 100, 100], [0, 0, 100, 100], [300, 300, 350, 350.0]]),
+        {"image_id": 1,
+         "boxes": np.array([[0, 0, 100, 100], [0, 0, 100, 100], [0, 0, 100, 100], [300, 300, 350, 350.0]]),
          "scores": np.array([0.9, 0.8, 0.7, 0.6]), "labels": np.array([0, 0, 1, 0])},
         {"image_id": 2, "boxes": np.array([[0, 0, 100, 40.0]]), "scores": np.array([0.5]), "labels": np.array([1])},
         {"image_id": 3, "boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, np.int64)},
