@@ -319,9 +319,7 @@ def _cmd_evaluate(args) -> None:
         args.json.write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"metrics written to {args.json}")
     if args.mlflow_run:
-        from detr.tracking import log_evaluation_to_run
-
-        from detr.tracking import log_diagnostic_report
+        from detr.tracking import log_diagnostic_report, log_evaluation_to_run
 
         log_evaluation_to_run(metrics, args.mlflow_run, checkpoint=args.checkpoint, split=args.split)
         log_diagnostic_report(report, args.mlflow_run, artifact_dir=f"evaluate/{args.split}", log_metrics=False)
