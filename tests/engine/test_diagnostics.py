@@ -116,3 +116,21 @@ def test_caption_wraps_to_the_image_width():
     one = add_caption(image, ["short"])
     many = add_caption(image, ["a caption much longer than one hundred pixels of width can hold on one line"])
     assert one.shape[1] == many.shape[1] == 100 and many.shape[0] > one.shape[0] > 40
+
+
+def test_drawn_predictions_say_when_none_passes_the_threshold(make_record, make_dataset):
+    import torch
+
+    from detr.config import load_config
+    from detr.engine.overlays import OverlayRenderer
+
+    dataset = make_dataset([make_record(1, [[0, 0, 50, 50]], [0])], ["cat", "dog"])
+    renderer = OverlayRenderer(trainer=None, dataset=dataset, transforms=load_config(None).data.transforms,
+                               num_images=1)
+    assert renderer.score_threshold == 0.5  # the serving default
+    weak = {"scores": torch.tensor([0.21, 0.05]), "label_ids": torch.tensor([1, 0])}
+    assert renderer.caption(weak, shown=0) == [
+        "no prediction has score >= 0.50 (best: dog 0.21); white: ground truth only"]
+    assert renderer.caption({"scores": torch.zeros(0), "label_ids": torch.zeros(0)}, shown=0) == [
+        "no predictions at all; white: ground truth only"]
+    assert renderer.caption(weak, shown=2) == ["2 predictions with score >= 0.50 (class colours); white: ground truth"]
