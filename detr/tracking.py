@@ -366,12 +366,14 @@ class MlflowCallback(Callback):
 
 
 def plot_loss_curves(history: Mapping[str, list[tuple[int, float]]]):
-    import matplotlib
+    # A Figure on its own Agg canvas, not pyplot: switching pyplot's backend here (matplotlib.use)
+    # would stop a notebook that trains from showing its own plots.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure = Figure(figsize=(7, 4))
+    FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
     for name, points in sorted(history.items()):
         steps, values = zip(*points)
         axis.plot(steps, values, label=name, linewidth=1.2 if name == "loss" else 0.8)
@@ -381,5 +383,4 @@ def plot_loss_curves(history: Mapping[str, list[tuple[int, float]]]):
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    plt.close(figure)
     return figure
