@@ -24,6 +24,7 @@ from detr.data.loader import build_loader
 from detr.data.sources import load_splits
 from detr.data.transforms import build_split_transforms
 from detr.engine.callbacks import Callback, EpochSummary
+from detr.engine.diagnostics import DiagnosticReport
 from detr.engine.distributed import DistributedContext, init_distributed, shutdown_distributed
 from detr.engine.evaluation import Evaluator
 from detr.engine.optim import build_optimizer, build_scheduler
@@ -31,6 +32,7 @@ from detr.engine.sampler import ResumableSampler
 from detr.engine.trainer import Trainer, TrainerSettings, evaluate_model
 from detr.errors import CheckpointError, ConfigError
 from detr.models.build import build_criterion, build_model, build_postprocess
+from detr.models.detection_params import DEFAULT_SCORE_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,12 @@ def _mlflow_callback(config: Config, trainer: Trainer, train_set: DetectionDatas
             return None
         return pr_figure(coco_curves(result.coco), title="Precision-recall at IoU 0.5 (COCO)")
 
+    def diagnostics():
+        evaluator = trainer.evaluator
+        if evaluator is None or evaluator.last_result is None:
+            return None
+        return evaluator.report(DEFAULT_SCORE_THRESHOLD)
+
     overlays = None
     if val_set is not None and len(val_set) and config.tracking.num_overlay_images:
         overlays = OverlayRenderer(trainer, val_set, config.data.transforms, config.tracking.num_overlay_images)
@@ -246,6 +254,7 @@ def _mlflow_callback(config: Config, trainer: Trainer, train_set: DetectionDatas
               "msda_backend": choose_backend("auto", trainer.device.type)},
         overlays=overlays,
         pr_curves=pr_curves,
+        diagnostics=diagnostics,
         log_every_steps=config.tracking.log_every_steps,
         served_model=((config.tracking.registered_model, config.tracking.registered_alias)
                       if config.tracking.log_model else None),
@@ -264,6 +273,34 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """COCO and VOC metrics of a checkpoint on a split of ``config``'s data (default: the config
     stored in the checkpoint). The checkpoint's label map must equal the dataset's."""
+    evaluator = _evaluate_checkpoint(checkpoint, config=config, split=split, batch_size=batch_size, device=device,
+                                     progress=progress)
+    return dict(evaluator.last_result.metrics)
+
+
+def evaluate_checkpoint_report(
+    checkpoint: str | Path,
+    *,
+    config: Config | None = None,
+    split: str = "val",
+    batch_size: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+    draw: bool = True,
+) -> tuple[dict[str, float], DiagnosticReport]:
+    """As :func:`evaluate_checkpoint`, plus the diagnostics at ``score_threshold`` (confusion matrix,
+    TIDE errors, per-class numbers, the worst images drawn when ``draw``); the metrics include the
+    diagnostics' numbers (``confusion/...``, ``tide/...``)."""
+    evaluator = _evaluate_checkpoint(checkpoint, config=config, split=split, batch_size=batch_size, device=device,
+                                     progress=progress)
+    metrics = evaluator.last_result.metrics
+    report = evaluator.report(score_threshold, draw=draw)
+    return {**metrics, **report.metrics()}, report
+
+
+def _evaluate_checkpoint(checkpoint: str | Path, *, config: Config | None, split: str, batch_size: int | None,
+                         device: str, progress: bool) -> Evaluator:
     from detr.checkpoints.load import load_model
 
     torch_device = resolve_device(device)
@@ -277,5 +314,6 @@ def evaluate_checkpoint(
     loader = build_loader(dataset, build_split_transforms(config.data.transforms, "val"),
                           batch_size=batch_size or config.train.batch_size, shuffle=False,
                           num_workers=config.data.num_workers)
-    return evaluate_model(model, loader, build_postprocess(config.model), Evaluator(dataset), torch_device,
-                          progress=progress)
+    evaluator = Evaluator(dataset)
+    evaluate_model(model, loader, build_postprocess(config.model), evaluator, torch_device, progress=progress)
+    return evaluator

@@ -14,6 +14,9 @@ from detr.errors import InvalidInputError
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 SCORE_THRESHOLD_RANGE = (0.0, 1.0)  # scores are probabilities
 MAX_DETECTIONS_LIMIT = 1000  # bounds the size of one image's answer
+# The score a detection needs to be returned by `detr.predict` and a served model unless a request
+# says otherwise; evaluation diagnostics (confusion matrix, drawn images) are taken at it too.
+DEFAULT_SCORE_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,7 @@ class DetectionParams:
     many per image, best first; ``box_format``: xyxy (corners), xywh (COCO: top-left corner, width,
     height) or cxcywh (centre, width, height), all in pixels of the original image."""
 
-    score_threshold: float = 0.5
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD
     max_detections: int = 100
     box_format: str = "xyxy"
 
