@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import gc
 import json
-from array import array
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from itertools import chain
 from operator import itemgetter
 from pathlib import Path
 
@@ -44,6 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from detr.data.dataset import DetectionDataset, ReportBuilder, concatenate
+from detr.data.formats.coco_columns import Places, annotation_columns, int_array, is_int, lookup
 from detr.data.formats.coco_write import write
 from detr.data.labelmap import LabelMap
 from detr.data.records import ImageRecord
@@ -130,7 +129,7 @@ def _label_map(path: Path, categories: list) -> tuple[LabelMap, np.ndarray]:
     """The label map in category order, and the category ids in that order (int64 [K])."""
     names, ids = [], []
     for i, cat in enumerate(categories):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+        if not isinstance(cat, dict) or not is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
             raise DatasetFormatError(
                 f"{path}: categories[{i}] must be an object with an integer 'id' and a string 'name', got {cat!r}"
             )
@@ -139,10 +138,6 @@ def _label_map(path: Path, categories: list) -> tuple[LabelMap, np.ndarray]:
     check_unique(ids, [f"{path}: categories[{i}]" for i in range(len(ids))], "category id")
     check_unique(names, [f"{path}: categories[{i}]" for i in range(len(ids))], "category name")
     return LabelMap(tuple(names)), np.asarray(ids, dtype=np.int64)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _images(path: Path, images: list) -> tuple[list, list[str], np.ndarray, np.ndarray]:
@@ -163,10 +158,10 @@ def _images(path: Path, images: list) -> tuple[list, list[str], np.ndarray, np.n
         for i, image in enumerate(images):
             good = (
                 isinstance(image, dict)
-                and (_is_int(image.get("id")) or isinstance(image.get("id"), str))
+                and (is_int(image.get("id")) or isinstance(image.get("id"), str))
                 and isinstance(image.get("file_name"), str)
-                and _is_int(image.get("width")) and image["width"] > 0
-                and _is_int(image.get("height")) and image["height"] > 0
+                and is_int(image.get("width")) and image["width"] > 0
+                and is_int(image.get("height")) and image["height"] > 0
             )
             if not good:
                 raise DatasetFormatError(
@@ -174,81 +169,10 @@ def _images(path: Path, images: list) -> tuple[list, list[str], np.ndarray, np.n
                     f"integer 'width' and 'height', got {image!r}"
                 )
         raise DatasetFormatError(f"{path}: image ids must be all integers or all strings")
-    where = _Places(f"{path}: images")
+    where = Places(f"{path}: images")
     check_unique(ids, where, "image id")
     check_unique(names, where, "image file_name")
     return ids, names, widths.astype(np.float64), heights.astype(np.float64)
-
-
-class _Places:
-    """``where[i]`` -> "<prefix>[i]" without building all the strings up front."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-
-    def __getitem__(self, i: int) -> str:
-        return f"{self.prefix}[{i}]"
-
-
-def _lookup(keys: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Index of each key in ``table`` (int64 [N]), -1 where absent."""
-    order = np.argsort(table, kind="stable")
-    sorted_table = table[order]
-    pos = np.searchsorted(sorted_table, keys)
-    pos = np.minimum(pos, max(len(table) - 1, 0))
-    found = (sorted_table[pos] == keys) if len(table) else np.zeros(len(keys), bool)
-    return np.where(found, order[pos] if len(table) else -1, -1)
-
-
-def _bad_annotation(path: Path, anns: list, check) -> DatasetFormatError:
-    """Find the first annotation ``check`` rejects (slow path, only when the fast one failed)."""
-    for i, ann in enumerate(anns):
-        problem = check(ann)
-        if problem:
-            ident = f" (id={ann.get('id')})" if isinstance(ann, dict) else ""
-            return DatasetFormatError(f"{path}: annotations[{i}]{ident}: {problem}")
-    return DatasetFormatError(f"{path}: malformed annotations")
-
-
-def _annotation_problem(ann) -> str | None:
-    if not isinstance(ann, dict):
-        return f"expected an object, got {ann!r}"
-    for key in ("id", "image_id", "category_id", "bbox"):
-        if key not in ann:
-            return f"missing {key!r}"
-    if not _is_int(ann["id"]):
-        return f"'id' must be an integer, got {ann['id']!r}"
-    if not _is_int(ann["category_id"]):
-        return f"'category_id' must be an integer, got {ann['category_id']!r}"
-    bbox = ann["bbox"]
-    if not (isinstance(bbox, list) and len(bbox) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-        return f"'bbox' must be 4 numbers [x, y, width, height], got {bbox!r}"
-    if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd", 0), float):
-        return f"'iscrowd' must be 0 or 1, got {ann.get('iscrowd')!r}"
-    return None
-
-
-# Columns of JSON values go through ``array.array``: it converts a list in C about twice as fast as
-# ``np.asarray`` and rejects what is not a number of the kind (a string, a float id) by itself.
-
-
-def _ints(values: list) -> np.ndarray | None:
-    """int64 [N] if every value is a JSON integer, else None."""
-    try:
-        return np.frombuffer(array("q", values), np.int64)
-    except (TypeError, OverflowError):
-        return None
-
-
-def _bboxes(values: list) -> np.ndarray | None:
-    """float64 [N, 4] if every value is a list of 4 JSON numbers, else None."""
-    if set(map(len, values)) != {4}:
-        return None
-    try:
-        return np.frombuffer(array("d", chain.from_iterable(values)), np.float64).reshape(-1, 4)
-    except TypeError:
-        return None
 
 
 @contextmanager
@@ -294,41 +218,16 @@ def _read_file(
     return DetectionDataset(tuple(records), label_map, f"{root.name}:{split}", "coco")
 
 
-def _columns(path: Path, anns: list) -> tuple[np.ndarray, list, np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, image_ids, category_ids, bboxes [N, 4], iscrowd) of all annotations, one pass per field;
-    any malformed entry sends us to the slow path that finds and names it."""
-    n = len(anns)
-    if not n:
-        empty = np.zeros(0, np.int64)
-        return empty, [], empty, np.zeros((0, 4)), empty
-    try:
-        ann_ids = _ints(list(map(itemgetter("id"), anns)))
-        ann_image_ids = list(map(itemgetter("image_id"), anns))
-        cat_ids = _ints(list(map(itemgetter("category_id"), anns)))
-        bboxes = _bboxes(list(map(itemgetter("bbox"), anns)))
-        try:  # iscrowd is optional; most files have it on every annotation
-            iscrowd = _ints(list(map(itemgetter("iscrowd"), anns)))
-        except KeyError:
-            iscrowd = _ints([a.get("iscrowd", 0) for a in anns])
-    except (KeyError, TypeError, AttributeError):
-        raise _bad_annotation(path, anns, _annotation_problem) from None
-    columns = (ann_ids, cat_ids, bboxes, iscrowd)
-    if any(c is None for c in columns) or iscrowd.min() < 0 or iscrowd.max() > 1:
-        raise _bad_annotation(path, anns, _annotation_problem)
-    check_unique(ann_ids.tolist(), _Places(f"{path}: annotations"), "annotation id")
-    return ann_ids, ann_image_ids, cat_ids, bboxes, iscrowd
-
-
 def _records(
     path: Path, split: str, anns: list, category_ids: np.ndarray, image_ids: list, file_names: list[str],
     widths: np.ndarray, heights: np.ndarray, checker: BoxChecker, check_images: bool,
 ) -> list[ImageRecord]:
-    ann_ids, ann_image_ids, cat_ids, bboxes, iscrowd = _columns(path, anns)
+    ann_ids, ann_image_ids, cat_ids, bboxes, iscrowd = annotation_columns(path, anns)
     n = len(anns)
 
     # Which image and which label each annotation belongs to.
     image_index = _image_index(path, anns, ann_image_ids, image_ids)
-    labels = _lookup(cat_ids, category_ids) if n else np.zeros(0, np.int64)
+    labels = lookup(cat_ids, category_ids) if n else np.zeros(0, np.int64)
     if (labels < 0).any():
         i = int(np.flatnonzero(labels < 0)[0])
         raise DatasetFormatError(
@@ -390,9 +289,9 @@ def _object_column(values: list) -> np.ndarray:
 
 def _image_index(path: Path, anns: list, ann_image_ids: list, image_ids: list) -> np.ndarray:
     """Position in ``images`` of each annotation's image_id; an unknown image_id is an error."""
-    keys = _ints(ann_image_ids) if image_ids and type(image_ids[0]) is int else None
+    keys = int_array(ann_image_ids) if image_ids and type(image_ids[0]) is int else None
     if keys is not None:
-        index = _lookup(keys, np.asarray(image_ids, dtype=np.int64))
+        index = lookup(keys, np.asarray(image_ids, dtype=np.int64))
     else:
         positions = {v: i for i, v in enumerate(image_ids)}
         index = np.array([positions.get(v, -1) if isinstance(v, (int, str)) else -1 for v in ann_image_ids],
