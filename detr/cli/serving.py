@@ -127,6 +127,8 @@ def _draw(pixels, record: dict, box_format: str, out: Path) -> None:
         boxes = box_convert(boxes, box_format, "xyxy")
     captions = [f"{name} {score:.2f}" for name, score in zip(record["labels"], record["scores"])]
     colours = [class_colour(i) for i in record["label_ids"]]
-    drawn = draw_bounding_boxes(pixels, boxes, labels=captions, colors=colours, width=2)
+    # torchvision warns that "no box was drawn" for an empty list: an image without detections is
+    # saved as it is.
+    drawn = draw_bounding_boxes(pixels, boxes, labels=captions, colors=colours, width=2) if len(boxes) else pixels
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out)
