@@ -37,6 +37,9 @@ from detr.errors import InvalidInputError
 
 DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024  # encoded size of one image
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # width x height of one decoded image (e.g. 8000 x 5000)
+# Images in one request, for both servers (detr serve --max-images, DETR_SERVE_MAX_IMAGES for the
+# pyfunc model): bounds what one request holds in memory at once.
+DEFAULT_MAX_IMAGES = 16
 
 # A scheme such as http:// (":" never occurs in base64). Paths need no check: they are not base64
 # (or decode to bytes that are no image), and nothing here opens a file.

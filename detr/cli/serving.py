@@ -24,7 +24,8 @@ def _add_serving_commands(commands) -> None:
     p.set_defaults(func=_cmd_register)
 
     p = _command(commands, "serve",
-                 "serve a model over REST: /model/predict (image upload), /model/metadata, /model/labels, /docs",
+                 "serve a model over REST: a try-it page at /, /model/predict (image upload), /model/metadata, "
+                 "/model/labels, /health/live, /health/ready, /metrics, /docs",
                  ["detr serve models:/shapes@champion --port 8000",
                   "detr serve outputs/checkpoints/best.pt",
                   "curl -F image=@photo.jpg 'http://127.0.0.1:8000/model/predict?score_threshold=0.3'"])
@@ -32,7 +33,13 @@ def _add_serving_commands(commands) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted (MB)")
-    p.add_argument("--max-images", type=int, default=16, help="most images in one request")
+    p.add_argument("--max-images", type=int, help="most images in one request (default 16, as the pyfunc model)")
+    p.add_argument("--max-batch-size", type=int,
+                   help="most images in one forward pass shared by concurrent requests (default 8)")
+    p.add_argument("--max-batch-wait-ms", type=float, default=5.0,
+                   help="how long a request's images wait for others to share their forward pass (default 5)")
+    p.add_argument("--no-batching", dest="batching", action="store_false",
+                   help="run each request on its own (its images still share forward passes)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.set_defaults(func=_cmd_serve)
 
@@ -73,13 +80,24 @@ def _cmd_serve(args) -> None:
     from deploy.app import create_app, load_detector
     from detr.tracking import use_tracking_uri
 
+    from deploy.batching import DEFAULT_MAX_BATCH_SIZE
+    from deploy.images import DEFAULT_MAX_IMAGES
+    from deploy.metrics import model_identity
+
+    args.max_images = DEFAULT_MAX_IMAGES if args.max_images is None else args.max_images
+    args.max_batch_size = DEFAULT_MAX_BATCH_SIZE if args.max_batch_size is None else args.max_batch_size
     if args.max_body_mb <= 0 or args.max_images < 1:
         raise InvalidInputError("--max-body-mb must be positive and --max-images at least 1")
+    if args.max_batch_size < 1 or args.max_batch_wait_ms < 0:
+        raise InvalidInputError("--max-batch-size must be at least 1 and --max-batch-wait-ms not negative")
     use_tracking_uri(None)
     detector = load_detector(args.model, device=args.device)
-    app = create_app(detector, source=args.model, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                     max_images=args.max_images)
-    print(f"serving {args.model} on http://{args.host}:{args.port} (docs: /docs)", flush=True)
+    detector.batch_size = max(detector.batch_size, args.max_batch_size)
+    app = create_app(detector, source=args.model, model_info=model_identity(args.model),
+                     max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
+                     batching=args.batching, max_batch_size=args.max_batch_size,
+                     max_batch_wait_s=args.max_batch_wait_ms / 1000)
+    print(f"serving {args.model} on http://{args.host}:{args.port} (try it: /, docs: /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

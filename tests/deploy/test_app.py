@@ -32,7 +32,7 @@ def server(registered_model, tmp_path_factory) -> str:
     url = f"http://127.0.0.1:{port}"
     command = [str(VENV_BIN / "detr"), "serve", registered_model.serving_uri, "--port", str(port),
                "--max-body-mb", str(MAX_BODY_BYTES / 1024 / 1024), "--max-images", "4"]
-    with server_process(command, ready_url=f"{url}/ping", log=work / "serve.log", cwd=work):
+    with server_process(command, ready_url=f"{url}/health/ready", log=work / "serve.log", cwd=work):
         yield url
 
 

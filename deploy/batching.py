@@ -1,0 +1,113 @@
+"""Cross-request dynamic batching: images of concurrent requests share the detector's forward passes.
+
+A request's images are queued one by one with its ``DetectionParams``; one worker thread takes what
+the queue holds, waits up to ``max_wait_s`` for more while the batch has fewer than
+``max_batch_size`` images, and runs ``Detector.detect`` once per distinct ``DetectionParams`` in
+the batch (the usual case, every request with the default params, is one call). ``Detector.detect``
+stacks only same-size inputs and never pads, so an image's detections do not depend on the other
+images of the batch, whichever requests they came from.
+
+One worker: on a CPU the forward pass already uses every core (torch's intra-op threads), and on a
+GPU one stream is what a single model gets anyway; more workers would only contend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from deploy.detector import DetectionParams, Detector
+
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_MAX_WAIT_S = 0.005
+
+
+@dataclass
+class _Item:
+    image: torch.Tensor
+    params: DetectionParams
+    future: Future = field(default_factory=Future)
+
+
+class Batcher:
+    """Args:
+        detector: runs the batches.
+        max_batch_size: most images in one batch.
+        max_wait_s: how long the first image of a batch waits for others (0: take only what is
+            already queued).
+        on_batch: called with the size of every batch run (metrics).
+    """
+
+    def __init__(self, detector: Detector, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 max_wait_s: float = DEFAULT_MAX_WAIT_S, on_batch: Callable[[int], None] | None = None) -> None:
+        if max_batch_size < 1 or max_wait_s < 0:
+            raise ValueError(f"max_batch_size must be >= 1 and max_wait_s >= 0, got {max_batch_size}, {max_wait_s}")
+        self.detector = detector
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.on_batch = on_batch
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="detr-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    async def detect(self, images: Sequence[torch.Tensor], params: DetectionParams) -> list[dict]:
+        """The records of ``images``, in order, computed in batches shared with other requests."""
+        items = [_Item(image, params) for image in images]
+        for item in items:
+            self._queue.put(item)
+        return list(await asyncio.gather(*(asyncio.wrap_future(item.future) for item in items)))
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            stop = False
+            while len(batch) < self.max_batch_size:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._run_batch(batch)
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
+        by_params: dict[DetectionParams, list[_Item]] = {}
+        for item in batch:
+            by_params.setdefault(item.params, []).append(item)
+        for params, items in by_params.items():
+            try:
+                records = self.detector.detect([item.image for item in items], params)
+            except Exception as e:  # noqa: BLE001 - handed to the waiting requests, which raise it
+                for item in items:
+                    item.future.set_exception(e)
+            else:
+                for item, record in zip(items, records):
+                    item.future.set_result(record)
