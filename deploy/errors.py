@@ -61,9 +61,9 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             allowed = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow", "")
             message = f"{request.method} is not allowed on {request.url.path}" + (f"; use {allowed}" if allowed else "")
-        elif exc.status_code == 400 and "parsing the body" in str(exc.detail):
-            cause = f" ({exc.__cause__})" if exc.__cause__ is not None and str(exc.__cause__) else ""
-            message = (f"the body is not valid multipart/form-data{cause}: send the images as form fields "
+        elif exc.status_code == 400:  # only the body parser raises these (our own 400s are DetrErrors)
+            cause = exc.__cause__ if exc.__cause__ is not None and str(exc.__cause__) else exc.detail
+            message = (f"the body is not valid multipart/form-data ({cause}): send the images as form fields "
                        "named 'image'")
         else:
             message = str(exc.detail)
