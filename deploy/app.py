@@ -33,7 +33,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 
-from deploy.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_WAIT_S, Batcher
+from deploy.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_WAIT_S, DEFAULT_WORKERS, Batcher
 from deploy.detector import BOX_FORMATS, MAX_DETECTIONS_LIMIT, DetectionParams, Detector
 from deploy.errors import check_query_params, error_response, install_error_handlers
 from deploy.images import DEFAULT_MAX_IMAGES, ImageLimits, decode_image_bytes
@@ -135,18 +135,19 @@ def create_app(
     batching: bool = True,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     max_batch_wait_s: float = DEFAULT_MAX_WAIT_S,
+    batch_workers: int = DEFAULT_WORKERS,
 ) -> FastAPI:
     """Args:
         model_info: ``name`` and ``version`` of the model for ``/metrics`` (``deploy.metrics.model_identity``).
         batching: share forward passes across concurrent requests (at most ``max_batch_size``
-            images, the first waiting at most ``max_batch_wait_s`` for others); without it each
-            request runs on its own, its images batched together.
+            images, the first waiting at most ``max_batch_wait_s`` for others, ``batch_workers``
+            batches at once); without it each request runs on its own, its images batched together.
     """
     mc = detector.metadata()
     metrics = ServingMetrics({"name": "", "version": "", **(model_info or {}), "arch": str(mc["arch"]),
                               "source": source})
     batcher = Batcher(detector, max_batch_size=max_batch_size, max_wait_s=max_batch_wait_s,
-                      on_batch=metrics.batch_size.observe) if batching else None
+                      on_batch=metrics.batch_size.observe, workers=batch_workers) if batching else None
     ready = threading.Event()
 
     def warm_up() -> None:
@@ -207,7 +208,7 @@ def create_app(
             "limits": {"max_body_bytes": max_body_bytes, "max_images": max_images,
                        "max_image_bytes": limits.max_bytes, "max_image_pixels": limits.max_pixels},
             "batching": {"enabled": batching, "max_batch_size": max_batch_size,
-                         "max_wait_ms": max_batch_wait_s * 1000},
+                         "max_wait_ms": max_batch_wait_s * 1000, "workers": batch_workers},
         }
 
     @app.get("/model/labels", summary="the label map")

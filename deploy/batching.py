@@ -7,8 +7,9 @@ the batch (the usual case, every request with the default params, is one call). 
 stacks only same-size inputs and never pads, so an image's detections do not depend on the other
 images of the batch, whichever requests they came from.
 
-One worker: on a CPU the forward pass already uses every core (torch's intra-op threads), and on a
-GPU one stream is what a single model gets anyway; more workers would only contend.
+``workers`` threads take batches from the one queue (default 2): while one runs a forward pass the
+next batch forms and can start, so batching never serializes a server whose forward passes do not
+fill the machine on their own (a small model on a CPU: measured in ``bench/serve.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from deploy.detector import DetectionParams, Detector
 
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_WAIT_S = 0.005
+DEFAULT_WORKERS = 2
 
 
 @dataclass
@@ -43,29 +45,36 @@ class Batcher:
         max_wait_s: how long the first image of a batch waits for others (0: take only what is
             already queued).
         on_batch: called with the size of every batch run (metrics).
+        workers: threads running batches.
     """
 
     def __init__(self, detector: Detector, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 max_wait_s: float = DEFAULT_MAX_WAIT_S, on_batch: Callable[[int], None] | None = None) -> None:
-        if max_batch_size < 1 or max_wait_s < 0:
-            raise ValueError(f"max_batch_size must be >= 1 and max_wait_s >= 0, got {max_batch_size}, {max_wait_s}")
+                 max_wait_s: float = DEFAULT_MAX_WAIT_S, on_batch: Callable[[int], None] | None = None,
+                 workers: int = DEFAULT_WORKERS) -> None:
+        if max_batch_size < 1 or max_wait_s < 0 or workers < 1:
+            raise ValueError(f"max_batch_size and workers must be >= 1 and max_wait_s >= 0, got {max_batch_size}, "
+                             f"{workers}, {max_wait_s}")
         self.detector = detector
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
+        self.workers = workers
         self._queue: queue.Queue[_Item | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="detr-batcher", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._run, name=f"detr-batcher-{i}", daemon=True)
+                             for i in range(self.workers)]
+            for thread in self._threads:
+                thread.start()
 
     def stop(self) -> None:
-        if self._thread is not None:
+        for _ in self._threads:
             self._queue.put(None)
-            self._thread.join(timeout=30)
-            self._thread = None
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads = []
 
     async def detect(self, images: Sequence[torch.Tensor], params: DetectionParams) -> list[dict]:
         """The records of ``images``, in order, computed in batches shared with other requests."""

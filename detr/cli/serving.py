@@ -38,6 +38,8 @@ def _add_serving_commands(commands) -> None:
                    help="most images in one forward pass shared by concurrent requests (default 8)")
     p.add_argument("--max-batch-wait-ms", type=float, default=5.0,
                    help="how long a request's images wait for others to share their forward pass (default 5)")
+    p.add_argument("--batch-workers", type=int,
+                   help="batches run at once (default 2: the next batch starts while one runs)")
     p.add_argument("--no-batching", dest="batching", action="store_false",
                    help="run each request on its own (its images still share forward passes)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -78,25 +80,26 @@ def _cmd_serve(args) -> None:
     import uvicorn
 
     from deploy.app import create_app, load_detector
-    from detr.tracking import use_tracking_uri
-
-    from deploy.batching import DEFAULT_MAX_BATCH_SIZE
+    from deploy.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_WORKERS
     from deploy.images import DEFAULT_MAX_IMAGES
     from deploy.metrics import model_identity
+    from detr.tracking import use_tracking_uri
 
     args.max_images = DEFAULT_MAX_IMAGES if args.max_images is None else args.max_images
     args.max_batch_size = DEFAULT_MAX_BATCH_SIZE if args.max_batch_size is None else args.max_batch_size
+    args.batch_workers = DEFAULT_WORKERS if args.batch_workers is None else args.batch_workers
     if args.max_body_mb <= 0 or args.max_images < 1:
         raise InvalidInputError("--max-body-mb must be positive and --max-images at least 1")
-    if args.max_batch_size < 1 or args.max_batch_wait_ms < 0:
-        raise InvalidInputError("--max-batch-size must be at least 1 and --max-batch-wait-ms not negative")
+    if args.max_batch_size < 1 or args.batch_workers < 1 or args.max_batch_wait_ms < 0:
+        raise InvalidInputError("--max-batch-size and --batch-workers must be at least 1 and --max-batch-wait-ms "
+                                "not negative")
     use_tracking_uri(None)
     detector = load_detector(args.model, device=args.device)
     detector.batch_size = max(detector.batch_size, args.max_batch_size)
     app = create_app(detector, source=args.model, model_info=model_identity(args.model),
                      max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
                      batching=args.batching, max_batch_size=args.max_batch_size,
-                     max_batch_wait_s=args.max_batch_wait_ms / 1000)
+                     max_batch_wait_s=args.max_batch_wait_ms / 1000, batch_workers=args.batch_workers)
     print(f"serving {args.model} on http://{args.host}:{args.port} (try it: /, docs: /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 

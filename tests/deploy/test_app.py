@@ -13,8 +13,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.detector import DetectionParams, Detector
-from tests.deploy.conftest import CLASSES
-from tests.deploy.conftest import MAX_BODY_BYTES
+from tests.deploy.conftest import CLASSES, MAX_BODY_BYTES
 from tests.deploy.odd_images import odd_images
 
 
