@@ -52,7 +52,7 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
 def tiny_checkpoint(out: Path) -> Path:
     from detr.config import load_config
     from detr.data.labelmap import LabelMap
-    from detr.engine.checkpoint import save_checkpoint
+    from detr.checkpoints.format import save_checkpoint
     from detr.models.build import build_model
 
     config = load_config(REPO / "configs" / "deformable_detr_tiny.yaml")

@@ -72,7 +72,7 @@ def main() -> None:
     import torch
 
     from detr.config import load_config
-    from detr.engine.run import train_from_config
+    from detr.run import train_from_config
 
     with tempfile.TemporaryDirectory(prefix="train-run-") as scratch:
         config = load_config(args.config, [*args.override, f"train.checkpoint.dir={scratch}/checkpoints"])

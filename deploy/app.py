@@ -34,12 +34,13 @@ from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 
 from deploy.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_WAIT_S, DEFAULT_WORKERS, Batcher
-from deploy.detector import BOX_FORMATS, MAX_DETECTIONS_LIMIT, DetectionParams, Detector
+from deploy.detector import Detector
 from deploy.errors import check_query_params, error_response, install_error_handlers
 from deploy.images import DEFAULT_MAX_IMAGES, ImageLimits, decode_image_bytes
 from deploy.metrics import MetricsMiddleware, ServingMetrics
 from deploy.page import add_page
 from detr.errors import InvalidInputError
+from detr.models.detection_params import BOX_FORMATS, MAX_DETECTIONS_LIMIT, SCORE_THRESHOLD_RANGE, DetectionParams
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 _DEFAULTS = DetectionParams()
@@ -221,7 +222,9 @@ def create_app(
                          413: {"description": "body over the limit"}, 422: {"description": "bad parameter"}})
     async def predict(
         image: Annotated[list[UploadFile], File(description="image files (JPEG, PNG, ...); repeat for several")],
-        score_threshold: Annotated[float, Query(ge=0.0, le=1.0)] = _DEFAULTS.score_threshold,
+        # The bounds come from DetectionParams' rule: declared here, they appear in the OpenAPI schema.
+        score_threshold: Annotated[float, Query(ge=SCORE_THRESHOLD_RANGE[0], le=SCORE_THRESHOLD_RANGE[1])] = (
+            _DEFAULTS.score_threshold),
         max_detections: Annotated[int, Query(ge=1, le=MAX_DETECTIONS_LIMIT)] = _DEFAULTS.max_detections,
         box_format: Annotated[Literal[BOX_FORMATS], Query()] = _DEFAULTS.box_format,
     ) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deploy.detector import DetectionParams, Detector
+from deploy.detector import Detector
+from detr.models.detection_params import DetectionParams
 
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_WAIT_S = 0.005

@@ -1,17 +1,16 @@
 """A trained checkpoint as a detector: decoded images in, named detections in pixels out.
 
-The one inference path of the serve side (pyfunc model, REST app, ``detr predict``): the
+The serve side's entry to the one inference path (pyfunc model, REST app, ``detr predict``): the
 checkpoint's own validation transform (resize + normalize, as evaluation applied it), batches of
 same-size inputs (never padded, so an image's detections do not depend on the rest of the request),
-the shared ``PostProcess``, a score threshold, and boxes clipped to the original image and reported
-in its pixels in the requested format. Safe to call from several threads at once: the model stays in
-eval mode and nothing is mutated per call.
+``detr.predict`` (forward, post-processing, score threshold), and boxes clipped to the original image
+and reported in its pixels in the requested format. Safe to call from several threads at once: the
+model stays in eval mode and nothing is mutated per call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,75 +19,44 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
-from detr.config import Config
+from detr.config import ModelConfig, TransformsSpec
 from detr.data.labelmap import LabelMap
 from detr.data.transforms import DetectionTransforms, build_split_transforms
 from detr.errors import InvalidInputError
-from detr.models.postprocess import PostProcess
+from detr.models.detection_params import BOX_FORMATS, MAX_DETECTIONS_LIMIT, DetectionParams
+from detr.models.postprocess import predict
 
-BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
-MAX_DETECTIONS_LIMIT = 1000
-
-
-@dataclass(frozen=True)
-class DetectionParams:
-    """Per-request settings. ``box_format``: xyxy (corners), xywh (COCO: top-left corner, width,
-    height) or cxcywh (centre, width, height), all in pixels of the original image."""
-
-    score_threshold: float = 0.5
-    max_detections: int = 100
-    box_format: str = "xyxy"
-
-    def __post_init__(self) -> None:
-        try:
-            threshold = float(self.score_threshold)
-        except (TypeError, ValueError):
-            threshold = float("nan")
-        if not 0.0 <= threshold <= 1.0:
-            raise InvalidInputError(f"params.score_threshold must be a number in [0, 1], got {self.score_threshold!r}")
-        if isinstance(self.max_detections, bool) or not isinstance(self.max_detections, int) or not (
-            1 <= self.max_detections <= MAX_DETECTIONS_LIMIT
-        ):
-            raise InvalidInputError(
-                f"params.max_detections must be an integer in [1, {MAX_DETECTIONS_LIMIT}], got {self.max_detections!r}"
-            )
-        if self.box_format not in BOX_FORMATS:
-            raise InvalidInputError(
-                f"params.box_format must be one of {', '.join(BOX_FORMATS)}, got {self.box_format!r}"
-            )
-        object.__setattr__(self, "score_threshold", threshold)
+__all__ = ["BOX_FORMATS", "MAX_DETECTIONS_LIMIT", "DetectionParams", "Detector"]
 
 
 class Detector:
     """Args:
         model: a DETR or Deformable DETR in eval mode.
-        config: the config it was trained with (its ``data.transforms.val`` preprocesses inputs).
+        model_config: its model settings (reported by ``metadata``).
+        transforms: the transforms it was trained with; their ``val`` steps preprocess inputs.
         label_map: class names of its outputs.
         batch_size: images per forward pass (bounds memory for large requests).
     """
 
-    def __init__(self, model: nn.Module, config: Config, label_map: LabelMap, *, batch_size: int = 8) -> None:
+    def __init__(self, model: nn.Module, model_config: ModelConfig, transforms: TransformsSpec, label_map: LabelMap,
+                 *, batch_size: int = 8) -> None:
         self.model = model.eval()
-        self.config = config
+        self.model_config = model_config
         self.label_map = label_map
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
-        self.transforms: DetectionTransforms = build_split_transforms(config.data.transforms, "val")
-        # Top-k over every candidate; the per-request max_detections then cuts this list.
-        activation = model.class_activation
-        candidates = config.model.num_queries * (1 if activation == "softmax" else len(label_map))
-        self.postprocess = PostProcess(activation, max_detections=min(candidates, MAX_DETECTIONS_LIMIT))
+        self.transforms: DetectionTransforms = build_split_transforms(transforms, "val")
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, *, device: str = "cpu", batch_size: int = 8) -> Detector:
-        from detr.models.load import load_model
+        from detr.checkpoints.load import load_model
 
         model, config, label_map = load_model(checkpoint, device=device)
-        return cls(model, config, label_map, batch_size=batch_size)
+        return cls(model, config.model, config.data.transforms, label_map, batch_size=batch_size)
 
     def metadata(self) -> dict[str, Any]:
         """What a client may want to know before sending images (JSON-able)."""
-        mc = self.config.model
+        mc = self.model_config
         return {
             "arch": mc.arch,
             "backbone": mc.backbone.name,
@@ -118,11 +86,12 @@ class Detector:
         for indices in by_size.values():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                batch = torch.stack([inputs[i] for i in chunk]).to(self.device)
-                sizes = torch.tensor([tuple(images[i].shape[1:]) for i in chunk], dtype=torch.float32,
-                                     device=self.device)  # [B, 2] (H, W) of the original images
-                for i, det in zip(chunk, self.postprocess(self.model(batch), sizes)):
-                    records[i] = self._record(det, tuple(images[i].shape[1:]), params)
+                batch = torch.stack([inputs[i] for i in chunk])
+                sizes = [tuple(images[i].shape[1:]) for i in chunk]  # (H, W) of the original images
+                detections = predict(self.model, batch, params.score_threshold,
+                                     max_detections=params.max_detections, image_sizes=sizes)
+                for i, det, size in zip(chunk, detections, sizes):
+                    records[i] = self._record(det, size, params)
         return records
 
     def _preprocess(self, image: torch.Tensor) -> torch.Tensor:
@@ -139,10 +108,9 @@ class Detector:
         return transformed.as_subclass(torch.Tensor)
 
     def _record(self, det: dict[str, torch.Tensor], size: tuple[int, int], params: DetectionParams) -> dict:
-        keep = det["scores"] >= params.score_threshold
-        scores = det["scores"][keep][: params.max_detections].cpu()
-        label_ids = det["label_ids"][keep][: params.max_detections].cpu()
-        boxes = det["boxes"][keep][: params.max_detections].cpu()  # [D, 4] xyxy pixels
+        """``predict``'s detections of one image (on the CPU) -> the JSON-able record."""
+        scores, label_ids = det["scores"], det["label_ids"]
+        boxes = det["boxes"].clone()  # [D, 4] xyxy pixels
         height, width = size
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)

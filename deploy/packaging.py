@@ -19,12 +19,13 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 import deploy
 import detr
-from deploy.detector import DetectionParams
 from deploy.images import encode_png_base64
 from deploy.pyfunc_model import CHECKPOINT_ARTIFACT, IMAGE_COLUMN
 from deploy.registry import check_alias, register
-from detr.engine.checkpoint import load_checkpoint, save_checkpoint
+from detr.checkpoints.format import load_checkpoint, save_checkpoint
+from detr.checkpoints.load import inference_weights, require_model_entries
 from detr.errors import CheckpointError, InvalidInputError
+from detr.models.detection_params import DetectionParams
 
 # What the model's code imports at serving time (pinned to this environment's versions).
 RUNTIME_REQUIREMENTS = ("torch", "torchvision", "numpy", "scipy", "pillow", "pyyaml", "pydantic", "pandas",
@@ -67,13 +68,8 @@ def inference_checkpoint(checkpoint: str | Path, out_path: Path) -> tuple[Path, 
     EMA weights replace the model's when the checkpoint has them (they are what evaluation saw).
     Returns the file and the MLflow run that trained the checkpoint, when it recorded one."""
     data = load_checkpoint(checkpoint)
-    for key in ("model", "config", "label_map"):
-        if key not in data:
-            raise CheckpointError(f"{checkpoint}: checkpoint has no {key!r} entry; it was not written by this package")
-    weights = data["model"]
-    if data.get("ema") is not None:
-        weights = {k.removeprefix("module."): v for k, v in data["ema"].items() if k.startswith("module.")}
-    payload = {"model": weights, "config": data["config"], "label_map": data["label_map"]}
+    require_model_entries(data, checkpoint)
+    payload = {"model": inference_weights(data), "config": data["config"], "label_map": data["label_map"]}
     if "training_state" in data:
         payload["training_state"] = data["training_state"]
     return save_checkpoint(out_path, payload), data.get("mlflow_run_id")

@@ -23,9 +23,10 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from deploy.detector import DetectionParams, Detector
+from deploy.detector import Detector
 from deploy.images import DEFAULT_MAX_IMAGES, ImageLimits, decode_base64_image
 from detr.errors import DetrError, InvalidInputError
+from detr.models.detection_params import DetectionParams
 
 IMAGE_COLUMN = "image"
 CHECKPOINT_ARTIFACT = "checkpoint"

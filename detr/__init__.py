@@ -16,9 +16,9 @@ _LAZY = {
     "load_config": "detr.config:load_config",
     "Config": "detr.config:Config",
     "build_model": "detr.models.build:build_model",
-    "load_model": "detr.models.load:load_model",
+    "load_model": "detr.checkpoints.load:load_model",
     "predict": "detr.models.postprocess:predict",
-    "convert_checkpoint": "detr.models.convert:convert_checkpoint",
+    "convert_checkpoint": "detr.checkpoints.convert:convert_checkpoint",
     "DetrError": "detr.errors:DetrError",
 }
 

@@ -70,8 +70,9 @@ def run_demo(
     from detr.data.formats import load_dataset
     from detr.data.show import save_drawn_record
     from detr.data.stats import compute_stats
-    from detr.engine.run import evaluate_checkpoint, train_from_config
-    from detr.tracking import log_evaluation_to_run, resolve_tracking_uri
+    from detr.engine.diagnostics import save_report
+    from detr.run import evaluate_checkpoint_report, train_from_config
+    from detr.tracking import log_diagnostic_report, log_evaluation_to_run, resolve_tracking_uri
 
     out, data = Path(out), Path(data)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,10 +100,15 @@ def run_demo(
     if checkpoint is None:
         raise InvalidInputError(f"training wrote no checkpoint to {outcome.checkpoint_dir}")
     print(f"demo: evaluating {checkpoint}")
-    metrics = evaluate_checkpoint(checkpoint, config=config, split="val")
+    metrics, report = evaluate_checkpoint_report(checkpoint, config=config, split="val")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(report.summary())
+    save_report(report, out / "report")
+    print(f"demo: confusion matrix, error breakdown and worst images written to {out / 'report'}")
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)
     if outcome.run_id is not None:
         log_evaluation_to_run(metrics, outcome.run_id, checkpoint=checkpoint, split="val", tracking_uri=tracking_uri)
+        log_diagnostic_report(report, outcome.run_id, artifact_dir="evaluate/val", log_metrics=False,
+                              tracking_uri=tracking_uri)
     return DemoResult(run_id=outcome.run_id, tracking_uri=tracking_uri, checkpoint=checkpoint, metrics=metrics,
                       served_model_uri=outcome.served_model_uri)

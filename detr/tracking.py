@@ -1,4 +1,5 @@
-"""MLflow tracking: the only module of the train side that calls mlflow.
+"""MLflow tracking of training runs. Below this layer nothing imports mlflow (an import-linter
+contract in pyproject.toml); the search records its sweep in ``detr.search.runs``.
 
 Default store: ``sqlite:///mlflow.db`` in the working directory; ``MLFLOW_TRACKING_URI`` (or
 ``tracking.tracking_uri`` in the config) points elsewhere, e.g. an ``mlflow server``. Under
@@ -22,7 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import mlflow
 import numpy as np
@@ -31,10 +32,23 @@ from detr.engine.callbacks import Callback
 
 if TYPE_CHECKING:
     from detr.data.dataset import DetectionDataset
-    from detr.engine.checkpoint import TrainingState
+    from detr.engine.state import TrainingState
     from detr.engine.trainer import Trainer
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class LoggedModel(Protocol):
+    serving_uri: str  # models:/<name>@<alias> when registered with an alias, else the logged model's URI
+
+
+class ModelLogger(Protocol):
+    """Logs a checkpoint as the active run's pyfunc model, registered under ``registered_name`` with
+    ``alias`` when given. The serve side provides it (``deploy.packaging.log_detr_model``): training
+    is handed it by the config boundary and never imports ``deploy``."""
+
+    def __call__(self, checkpoint: str | Path, *, registered_name: str | None = None,
+                 alias: str | None = None) -> LoggedModel: ...
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -166,6 +180,29 @@ def log_evaluation_to_run(
     client.set_tag(run_id, f"evaluated_checkpoint.{split}", str(Path(checkpoint).resolve()))
 
 
+def log_diagnostic_report(report: Any, run_id: str, *, artifact_dir: str = "diagnostics", metric_prefix: str = "",
+                          log_metrics: bool = True, tracking_uri: str | None = None) -> None:
+    """Log a :class:`detr.engine.diagnostics.DiagnosticReport` to a run: its metrics (with
+    ``metric_prefix``, unless ``log_metrics`` is false), and under ``artifact_dir`` the confusion
+    matrix and TIDE charts (PNG), their JSON, the per-class and worst-image tables, the summary
+    text and the worst images drawn."""
+    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    now_ms = int(time.time() * 1000)
+    metrics = clean_metrics({metric_prefix + k: v for k, v in report.metrics().items()}) if log_metrics else {}
+    items = list(metrics.items())
+    for i in range(0, len(items), 1000):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, now_ms, 0) for k, v in items[i : i + 1000]])
+    for name, figure in report.figures().items():
+        client.log_figure(run_id, figure, f"{artifact_dir}/{name}")
+    for name, data in report.dicts().items():
+        client.log_dict(run_id, data, f"{artifact_dir}/{name}")
+    for name, table in report.tables().items():
+        client.log_table(run_id, table, f"{artifact_dir}/{name}")
+    client.log_text(run_id, report.summary() + "\n", f"{artifact_dir}/summary.txt")
+    for name, image in report.worst_images:
+        client.log_image(run_id, image, artifact_file=f"{artifact_dir}/worst_images/{name}")
+
+
 def metric_key(name: str) -> str:
     """MLflow accepts letters, digits, ``_ - . : /`` and spaces in metric names; class names in
     per-class metrics may hold anything else, which becomes ``_``."""
@@ -246,12 +283,15 @@ class MlflowCallback(Callback):
         overlays: returns (name, HxWx3 uint8 image) pairs of predictions drawn on a few validation
             images for the current model; called after each evaluation.
         pr_curves: returns a matplotlib Figure of the latest evaluation's PR curves (or None).
+        diagnostics: returns the latest evaluation's ``DiagnosticReport`` (or None); logged under
+            ``diagnostics/`` when training finishes (the evaluation of the final epoch).
         log_every_steps: step losses are logged every this many optimizer steps.
         served_model: (registered name or None, alias) to log the finished run's best checkpoint
             as its pyfunc model "model" (and register it under the name); None: no model.
+        log_model: what logs that model (needed with ``served_model``).
 
     Attributes:
-        logged_model: the served model logged when training finished (``deploy.packaging``).
+        logged_model: the served model logged when training finished.
     """
 
     def __init__(
@@ -263,17 +303,23 @@ class MlflowCallback(Callback):
         tags: Mapping[str, str] = {},
         overlays: Callable[[], list[tuple[str, np.ndarray]]] | None = None,
         pr_curves: Callable[[], Any] | None = None,
+        diagnostics: Callable[[], Any] | None = None,
         log_every_steps: int = 10,
         served_model: tuple[str | None, str] | None = None,
+        log_model: ModelLogger | None = None,
     ) -> None:
+        if served_model is not None and log_model is None:
+            raise ValueError("served_model needs log_model, the function that logs the model")
         self.config = dict(config)
         self.served_model = served_model
+        self.log_model = log_model
         self.logged_model = None
         self.label_map = dict(label_map)
         self.datasets = dict(datasets)
         self.tags = dict(tags)
         self.overlays = overlays
         self.pr_curves = pr_curves
+        self.diagnostics = diagnostics
         self.log_every_steps = max(1, log_every_steps)
         self.loss_history: dict[str, list[tuple[int, float]]] = {}
 
@@ -329,29 +375,33 @@ class MlflowCallback(Callback):
                 last = shutil.copyfile(trainer.last_checkpoint, Path(tmp) / "last.pt")
                 mlflow.log_artifact(str(last), artifact_path="checkpoints")
         mlflow.set_tag("training_status", status)
+        if status == "finished" and self.diagnostics is not None:
+            report = self.diagnostics()
+            if report is not None:
+                log_diagnostic_report(report, mlflow.active_run().info.run_id, tracking_uri=mlflow.get_tracking_uri())
         if status == "finished" and self.served_model is not None:
             self._log_served_model(trainer)
 
     def _log_served_model(self, trainer: Trainer) -> None:
-        from deploy.packaging import log_detr_model
-
         best = trainer.checkpoints.best_path if trainer.checkpoints is not None else None
         checkpoint = best if best is not None and best.is_file() else trainer.last_checkpoint
         if checkpoint is None or not checkpoint.is_file():
             return
         name, alias = self.served_model
-        self.logged_model = log_detr_model(checkpoint, registered_name=name, alias=alias if name else None)
+        self.logged_model = self.log_model(checkpoint, registered_name=name, alias=alias if name else None)
         mlflow.set_tags({"served_model_uri": self.logged_model.serving_uri,
                          "served_checkpoint": checkpoint.name})
 
 
 def plot_loss_curves(history: Mapping[str, list[tuple[int, float]]]):
-    import matplotlib
+    # A Figure on its own Agg canvas, not pyplot: switching pyplot's backend here (matplotlib.use)
+    # would stop a notebook that trains from showing its own plots.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure = Figure(figsize=(7, 4))
+    FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
     for name, points in sorted(history.items()):
         steps, values = zip(*points)
         axis.plot(steps, values, label=name, linewidth=1.2 if name == "loss" else 0.8)
@@ -361,5 +411,4 @@ def plot_loss_curves(history: Mapping[str, list[tuple[int, float]]]):
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    plt.close(figure)
     return figure

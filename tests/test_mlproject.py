@@ -16,7 +16,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from detr.cli import _overrides, _parser
+from detr.cli import _parser
+from detr.cli.common import _overrides
 from detr.config import load_config
 from detr.data.synth import generate_synthetic_dataset
 
@@ -238,4 +239,10 @@ def test_mlflow_run_main_is_the_demo_job(tmp_path):
     for key in ("coco/AP", "coco/AP50", "voc/mAP50"):
         assert run.data.metrics[f"evaluate/val/{key}"] == pytest.approx(final[key], abs=1e-9), key
         assert run.data.metrics[key] == pytest.approx(final[key], abs=1e-6), key
+    # Why it fails: the diagnostics of the evaluation, printed, written next to the metrics and logged.
+    assert "at score >= 0.50 and IoU 0.50" in result.stdout
+    assert (out / "report" / "confusion_matrix.png").is_file() and (out / "report" / "tide_errors.png").is_file()
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate/val")}
+    assert {"evaluate/val/confusion_matrix.json", "evaluate/val/summary.txt"} <= logged
+    assert run.data.metrics["evaluate/val/tide/AP50"] == pytest.approx(final["tide/AP50"], abs=1e-9)
 

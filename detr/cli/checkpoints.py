@@ -42,7 +42,7 @@ def _add_convert_command(commands) -> None:
 
 def _cmd_convert(args) -> None:
     from detr.data.labelmap import LabelMap
-    from detr.models.convert import convert_with_report
+    from detr.checkpoints.convert import convert_with_report
 
     label_map = args.labels
     if args.classes is not None:
@@ -56,7 +56,7 @@ def _cmd_convert(args) -> None:
 
 def _cmd_export(args) -> None:
     from detr.models.export import export_onnx, supports_dynamic_image_size
-    from detr.models.load import load_model
+    from detr.checkpoints.load import load_model
 
     try:
         height, width = (int(v) for v in args.image_size.lower().split("x"))

@@ -1,9 +1,10 @@
-"""Helpers every command module of the CLI shares."""
+"""Helpers the command modules of the CLI share."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _examples(*lines: str) -> str:
@@ -20,5 +21,29 @@ def _command(group, name: str, help: str, examples: Sequence[str]) -> argparse.A
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# detr data ...
+def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("config", type=Path, nargs=None if required else "?", help="YAML config")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. -o train.lr=2e-4 (repeatable)")
+    p.add_argument("--overrides", default="", metavar="'K=V K=V'",
+                   help="several overrides in one string (what the MLproject passes)")
+
+
+def _overrides(args) -> list[str]:
+    import shlex
+
+    return [*shlex.split(args.overrides), *args.override]
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    headline = [k for k in metrics if k.count("/") == 1]
+    for key in headline:
+        print(f"  {key:<22} {metrics[key]:.4f}")
+
+
+def _print_serve_hint(model_uri: str) -> None:
+    from detr.tracking import serve_commands
+
+    print(f"the best checkpoint is the pyfunc model {model_uri}; serve it over REST with either of")
+    for command in serve_commands(model_uri):
+        print(f"  {command}")

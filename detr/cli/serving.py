@@ -7,6 +7,7 @@ from pathlib import Path
 
 from detr.cli.common import _command
 from detr.errors import InvalidInputError
+from detr.models.detection_params import BOX_FORMATS, DetectionParams
 
 DEFAULT_PORT = 8000
 
@@ -50,10 +51,13 @@ def _add_serving_commands(commands) -> None:
                   "detr predict best.pt images/*.png --json detections.json --draw outputs/drawn"])
     p.add_argument("model", help="checkpoint file or MLflow model URI")
     p.add_argument("images", type=Path, nargs="+")
-    p.add_argument("--score-threshold", type=float, help="keep detections scoring at least this (default 0.5)")
-    p.add_argument("--max-detections", type=int, help="at most this many per image, best first (default 100)")
-    p.add_argument("--box-format", choices=("xyxy", "xywh", "cxcywh"),
-                   help="xyxy corners (default), xywh (COCO) or cxcywh, in pixels of the image")
+    defaults = DetectionParams()
+    p.add_argument("--score-threshold", type=float,
+                   help=f"keep detections scoring at least this (default {defaults.score_threshold})")
+    p.add_argument("--max-detections", type=int,
+                   help=f"at most this many per image, best first (default {defaults.max_detections})")
+    p.add_argument("--box-format", choices=BOX_FORMATS,
+                   help=f"xyxy corners, xywh (COCO) or cxcywh, in pixels of the image (default {defaults.box_format})")
     p.add_argument("--json", type=Path, help="write the detections to this file (default: print them)")
     p.add_argument("--draw", type=Path, metavar="DIR", help="also save each image with its detections drawn")
     p.set_defaults(func=_cmd_predict)
@@ -106,7 +110,6 @@ def _cmd_serve(args) -> None:
 
 def _cmd_predict(args) -> None:
     from deploy.app import load_detector
-    from deploy.detector import DetectionParams
     from deploy.images import decode_image_bytes
     from detr.tracking import use_tracking_uri
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from detr.cli.common import _command
+from detr.cli.common import _add_config_args, _command, _overrides, _print_serve_hint
 from detr.errors import InvalidInputError
 
 
 def _add_tune_command(commands) -> None:
-    # Imported here: detr.cli imports this module before it defines these helpers.
-    from detr.cli import _add_config_args
-
     p = _command(commands, "tune",
                  "search hyperparameters with Ray Tune ASHA: one MLflow sweep run, a child run per trial, the "
                  "best checkpoint as the sweep's pyfunc model",
@@ -47,11 +44,10 @@ def _add_tune_command(commands) -> None:
 
 
 def _cmd_tune(args) -> None:
-    from detr.cli import _overrides, _print_serve_hint
     from detr.config import load_config
-    from detr.search_space import load_search_space
+    from detr.search.space import load_search_space
     from detr.tracking import ui_command
-    from detr.tune import run_search
+    from detr.search.tune import run_search
 
     if args.alias and not args.register:
         raise InvalidInputError("--alias needs --register NAME")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 if TYPE_CHECKING:
-    from detr.engine.checkpoint import TrainingState
+    from detr.engine.state import TrainingState
     from detr.engine.trainer import Trainer
 
 

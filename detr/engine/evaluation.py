@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from detr.data.dataset import DetectionDataset
+from detr.data.records import ImageRecord
 from detr.engine.coco_eval import CocoResult, coco_image_ids, evaluate_coco
 from detr.engine.detections import ImageDetections, detections_from_prediction, image_id_key
+from detr.engine.diagnostics import DiagnosticReport, build_report
 from detr.engine.voc_eval import VocResult, evaluate_voc
 from detr.errors import ConfigError, DatasetFormatError, InvalidInputError
 
@@ -150,6 +152,21 @@ class Evaluator:
                     merged[position] = detections
         self._detections = merged
 
+    def evaluated(self) -> tuple[list[int], list[ImageRecord], list[ImageDetections]]:
+        """Dataset positions, records and detections of the images predicted so far, in dataset order."""
+        positions = sorted(self._detections)
+        return positions, [self.dataset.records[i] for i in positions], [self._detections[i] for i in positions]
+
+    def report(self, score_threshold: float, *, draw: bool = True) -> DiagnosticReport:
+        """Confusion matrix, TIDE breakdown, per-class numbers and the worst images drawn
+        (:mod:`detr.engine.diagnostics`), at ``score_threshold``, for the images predicted so far."""
+        result = self.last_result
+        if result is None or result.metrics["eval/images"] != self.num_images:  # none yet, or predictions since
+            result = self.compute_results()
+        positions, records, detections = self.evaluated()
+        return build_report(records, detections, positions, self.dataset.label_map, result.coco, score_threshold,
+                            draw=draw)
+
     def compute(self) -> dict[str, float]:
         """Flat metric name -> value for the images predicted so far (see :class:`EvaluationResult`)."""
         return self.compute_results().metrics
@@ -159,9 +176,7 @@ class Evaluator:
 
         Also kept as :attr:`last_result` until the next ``compute`` or ``reset``.
         """
-        positions = sorted(self._detections)
-        records = [self.dataset.records[i] for i in positions]
-        detections = [self._detections[i] for i in positions]
+        positions, records, detections = self.evaluated()
         metrics: dict[str, float] = {}
         coco = voc = None
         if "coco" in self.metrics:

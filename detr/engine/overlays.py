@@ -1,4 +1,9 @@
-"""Predictions drawn on a few validation images, for people to look at after each evaluation."""
+"""Predictions drawn on a few validation images, for people to look at after each evaluation.
+
+Each image carries a caption with the score threshold and what is drawn: early in training often no
+prediction reaches the threshold, and the caption says so (with the best score found) rather than
+leaving a picture of the ground truth alone.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from detr.data.dataset import DetectionDataset
 from detr.data.loader import DetectionTorchDataset, read_rgb_image
 from detr.data.show import class_colour
 from detr.data.transforms import build_split_transforms
+from detr.engine.drawing import add_caption
+from detr.models.detection_params import DEFAULT_SCORE_THRESHOLD
 
 if TYPE_CHECKING:
     from detr.engine.trainer import Trainer
@@ -22,10 +29,11 @@ GROUND_TRUTH_COLOUR = "white"
 
 class OverlayRenderer:
     """Callable returning ``(name, uint8 [H, W, 3])`` pairs: ground truth in thin white boxes,
-    predictions (score >= ``score_threshold``) in class colours with name and score."""
+    predictions (score >= ``score_threshold``, by default the serving one) in class colours with
+    name and score, and a caption naming the threshold."""
 
     def __init__(self, trainer: Trainer, dataset: DetectionDataset, transforms: TransformsSpec,
-                 num_images: int, score_threshold: float = 0.3) -> None:
+                 num_images: int, score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> None:
         self.trainer = trainer
         self.dataset = dataset
         self.items = DetectionTorchDataset(dataset, build_split_transforms(transforms, "val"))
@@ -56,5 +64,17 @@ class OverlayRenderer:
                 captions = [f"{names[int(c)]} {float(s):.2f}" for c, s in zip(labels, scores)]
                 canvas = draw_bounding_boxes(canvas, boxes, labels=captions,
                                              colors=[class_colour(int(c)) for c in labels], width=2)
-            drawn.append((f"{record.image_id}", canvas.permute(1, 2, 0).numpy()))
+            drawn.append((f"{record.image_id}", add_caption(canvas, self.caption(prediction, len(boxes)))))
         return drawn
+
+    def caption(self, prediction: dict, shown: int) -> list[str]:
+        threshold = f"score >= {self.score_threshold:.2f}"
+        if shown:
+            return [f"{shown} predictions with {threshold} (class colours); white: ground truth"]
+        scores = prediction["scores"]
+        if len(scores) == 0:
+            return ["no predictions at all; white: ground truth only"]
+        best = int(scores.argmax())
+        name = self.dataset.label_map.names[int(prediction["label_ids"][best])]
+        return [f"no prediction has {threshold} (best: {name} {float(scores[best]):.2f}); "
+                "white: ground truth only"]

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from detr.checkpoints.format import CheckpointDirectory
 from detr.engine.callbacks import Callback
-from detr.engine.checkpoint import CheckpointDirectory, TrainingState, capture_rng_state, restore_rng_state
 from detr.engine.evaluation import Evaluator
 from detr.engine.sampler import ResumableSampler
+from detr.engine.state import TrainingState, capture_rng_state, restore_rng_state
 from detr.errors import DetrError
 
 
@@ -144,7 +145,7 @@ class Trainer:
         }
 
     def load_state(self, path: Path) -> None:
-        from detr.engine.checkpoint import load_checkpoint
+        from detr.checkpoints.format import load_checkpoint
 
         data = load_checkpoint(path, map_location=self.device)
         model = self.model.module if hasattr(self.model, "module") else self.model

@@ -11,9 +11,15 @@ Modules (one concept each):
     detr / deformable_detr  the two detectors (forward returns outputs, never a loss)
     matcher              Hungarian matcher (scipy ``linear_sum_assignment``)
     criterion            set criterion (classification, L1, GIoU, auxiliary and encoder losses)
-    postprocess          model outputs -> detections in pixels; ``predict``
+    postprocess          model outputs -> detections in pixels; ``predict``, the one inference path
+    detection_params     score threshold, max detections, box format: their defaults and their checks
     inputs               input checks; padding a list of images into one batch plus its padding mask
-    build                config section -> modules (the only place here that reads a config)
+    export               the inference path as ONNX
+    build                model settings (``ModelConfig``) -> modules (the only place here that reads a config
+                         section; it never receives the whole ``Config``)
+
+Loading a model from a checkpoint and converting other implementations' checkpoints live one layer
+up, in ``detr.checkpoints``.
 
 Targets, wherever a loss or matcher takes them, are a list with one dict per image:
 ``"labels"`` int64 [N] contiguous class ids and ``"boxes"`` float [N, 4] normalized cxcywh.

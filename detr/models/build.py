@@ -1,5 +1,6 @@
-"""Config -> modules. The only place under ``detr.models`` that reads a config: it unpacks the model
-section into the typed constructor arguments of the modules it builds.
+"""Model settings -> modules. The only place under ``detr.models`` that reads a config section: it
+unpacks ``ModelConfig`` (never the whole ``Config``) into the typed constructor arguments of the
+modules it builds.
 
 Parameter names follow the official implementations (facebookresearch/detr,
 fundamentalvision/Deformable-DETR), so their checkpoints load after a near-identity key mapping:
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from detr.config import Config, ModelConfig
+from detr.config import ModelConfig
 from detr.errors import InvalidInputError
 from detr.models.backbone import Backbone, Joiner
 from detr.models.criterion import SetCriterion, loss_weights
@@ -24,23 +25,23 @@ from detr.models.postprocess import PostProcess
 from detr.models.transformer import Transformer
 
 
-def build_model(config: Config | ModelConfig, num_classes: int) -> nn.Module:
+def build_model(model_config: ModelConfig, num_classes: int) -> nn.Module:
     """A DETR or Deformable DETR with fresh weights (the backbone from ``backbone.weights`` if set).
 
     Args:
-        config: the whole ``Config`` or its ``model`` section.
+        model_config: the model settings (``config.model``).
         num_classes: K, the number of classes of the label map (never typed by hand).
     """
-    mc = _model_section(config)
+    mc = _model_settings(model_config)
     _check_num_classes(num_classes)
     if mc.arch == "detr":
         return _build_detr(mc, num_classes)
     return _build_deformable_detr(mc, num_classes)
 
 
-def build_criterion(model_config: Config | ModelConfig, num_classes: int) -> SetCriterion:
+def build_criterion(model_config: ModelConfig, num_classes: int) -> SetCriterion:
     """The matcher + set criterion of the architecture: softmax/cross-entropy (DETR) or focal (Deformable)."""
-    mc = _model_section(model_config)
+    mc = _model_settings(model_config)
     _check_num_classes(num_classes)
     focal = mc.arch == "deformable_detr"
     matcher = HungarianMatcher(
@@ -70,8 +71,8 @@ def build_criterion(model_config: Config | ModelConfig, num_classes: int) -> Set
     )
 
 
-def build_postprocess(model_config: Config | ModelConfig) -> PostProcess:
-    mc = _model_section(model_config)
+def build_postprocess(model_config: ModelConfig) -> PostProcess:
+    mc = _model_settings(model_config)
     return PostProcess("sigmoid" if mc.arch == "deformable_detr" else "softmax", mc.max_detections)
 
 
@@ -134,12 +135,12 @@ def _two_stage(mc: ModelConfig) -> bool:
     return mc.deformable.two_stage if mc.arch == "deformable_detr" else mc.detr.two_stage
 
 
-def _model_section(config: Config | ModelConfig) -> ModelConfig:
-    if isinstance(config, Config):
-        return config.model
-    if isinstance(config, ModelConfig):
-        return config
-    raise InvalidInputError(f"expected a Config or its ModelConfig section, got {type(config).__name__}")
+def _model_settings(model_config: ModelConfig) -> ModelConfig:
+    if not isinstance(model_config, ModelConfig):
+        hint = " (pass its model section, config.model)" if hasattr(model_config, "model") else ""
+        raise InvalidInputError(f"expected the model settings, a ModelConfig, got {type(model_config).__name__}"
+                                f"{hint}")
+    return model_config
 
 
 def _check_num_classes(num_classes: int) -> None:

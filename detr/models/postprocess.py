@@ -5,6 +5,8 @@ probability is dropped). Deformable DETR ("sigmoid"): the top-k (query, class) p
 score over all Q x K, so one query may yield several classes, as in the paper's evaluation.
 Boxes come out as xyxy in pixels of the size given per image (normally the original image size;
 the model's normalized boxes are relative to the unpadded input, so any resize cancels out).
+
+``predict`` is the one inference path: ``detr.predict`` and the serve side's ``Detector`` both run it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from detr.errors import InvalidInputError
+from detr.models.detection_params import DetectionParams
 from detr.models.inputs import check_model_inputs, pad_images
 
 
@@ -82,9 +85,9 @@ def postprocess_for(model: nn.Module, max_detections: int = 100) -> PostProcess:
 def predict(
     model: nn.Module,
     images: torch.Tensor | Sequence[torch.Tensor],
-    score_threshold: float = 0.5,
+    score_threshold: float = DetectionParams.score_threshold,
     *,
-    max_detections: int = 100,
+    max_detections: int = DetectionParams.max_detections,
     image_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Detect objects: forward, post-process, keep detections scoring at least ``score_threshold``.
@@ -94,8 +97,8 @@ def predict(
         images: already normalized (the val transform's normalize step), either a batch tensor
             [B, 3, H, W] of same-size images (no padding, no mask), or a list of [3, H_i, W_i]
             tensors of any sizes, which are padded into one batch with a padding mask.
-        score_threshold: in [0, 1].
-        max_detections: at most this many detections per image, best first.
+        score_threshold: keep detections scoring at least this, in [0, 1].
+        max_detections: at most this many detections per image, best first (at most 1000).
         image_sizes: (H, W) per image to report boxes in, e.g. the original sizes before the
             resize; default: each input image's own (unpadded) size.
 
@@ -103,10 +106,7 @@ def predict(
         One dict per image on the CPU: "boxes" float32 [D, 4] xyxy pixels, "scores" float32 [D],
         "label_ids" int64 [D], sorted by score.
     """
-    if not 0.0 <= float(score_threshold) <= 1.0:
-        raise InvalidInputError(f"score_threshold must be in [0, 1], got {score_threshold}")
-    if int(max_detections) < 1:
-        raise InvalidInputError(f"max_detections must be at least 1, got {max_detections}")
+    params = DetectionParams(score_threshold=score_threshold, max_detections=max_detections)
     device = next(model.parameters()).device
     if isinstance(images, torch.Tensor):
         check_model_inputs(images, None)
@@ -119,15 +119,19 @@ def predict(
     if sizes.shape != (len(own_sizes), 2):
         raise InvalidInputError(f"image_sizes must give (H, W) for each of the {len(own_sizes)} images, "
                                 f"got shape {tuple(sizes.shape)}")
+    # A model already in eval mode is left untouched, so that threads serving one model (the REST
+    # app) never write to it.
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     try:
         outputs = model(batch, masks)
     finally:
-        model.train(was_training)
-    detections = postprocess_for(model, int(max_detections))(outputs, sizes.to(device))
+        if was_training:
+            model.train()
+    detections = postprocess_for(model, params.max_detections)(outputs, sizes.to(device))
     results = []
     for det in detections:
-        keep = det["scores"] >= score_threshold
+        keep = det["scores"] >= params.score_threshold
         results.append({key: value[keep].cpu() for key, value in det.items()})
     return results

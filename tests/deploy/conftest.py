@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from detr.checkpoints.format import save_checkpoint
 from detr.config import config_from_dict
 from detr.data.labelmap import LabelMap
 from detr.data.synth import image_rng, render_scene
-from detr.engine.checkpoint import save_checkpoint
 from detr.models.build import build_model
 from tests.models.conftest import TINY
 
@@ -26,7 +26,7 @@ VAL_TRANSFORMS = [{"name": "resize", "args": {"size": 96, "max_size": 128}}, {"n
 def write_checkpoint(path: Path, arch_changes: dict, *, seed: int = 0) -> Path:
     config = config_from_dict({"model": {**TINY, **arch_changes}, "data": {"transforms": {"val": VAL_TRANSFORMS}}})
     torch.manual_seed(seed)
-    model = build_model(config, len(CLASSES))
+    model = build_model(config.model, len(CLASSES))
     return save_checkpoint(path, {"model": model.state_dict(), "config": config.to_dict(),
                                   "label_map": LabelMap(CLASSES).to_dict()})
 

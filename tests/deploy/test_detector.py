@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as F
 import detr
 from deploy.detector import DetectionParams, Detector
 from deploy.packaging import inference_checkpoint
-from detr.engine.checkpoint import load_checkpoint, save_checkpoint
+from detr.checkpoints.format import load_checkpoint, save_checkpoint
 from detr.errors import InvalidInputError
 from tests.deploy.conftest import CLASSES
 

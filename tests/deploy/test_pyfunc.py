@@ -127,7 +127,7 @@ def test_a_new_version_moves_the_alias(deformable_checkpoint, registered_model):
 
 
 def test_training_run_recorded_in_the_checkpoint_receives_the_model(detr_checkpoint, tracking_uri, tmp_path):
-    from detr.engine.checkpoint import load_checkpoint, save_checkpoint
+    from detr.checkpoints.format import load_checkpoint, save_checkpoint
 
     with mlflow.start_run() as run:
         pass

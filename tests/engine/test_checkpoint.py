@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from detr.engine.checkpoint import (
-    CheckpointDirectory,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from detr.checkpoints.format import CheckpointDirectory, load_checkpoint, save_checkpoint
+from detr.engine.state import capture_rng_state, restore_rng_state
 from detr.errors import CheckpointError
 
 

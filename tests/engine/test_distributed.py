@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from detr.checkpoints.format import load_checkpoint
 from detr.config import load_config
-from detr.engine.checkpoint import load_checkpoint
-from detr.engine.run import train_from_config
+from detr.run import train_from_config
 from tests.engine.conftest import SMALL_NUM_TRAIN as NUM_TRAIN
 from tests.engine.conftest import SMALL_NUM_VAL as NUM_VAL
 

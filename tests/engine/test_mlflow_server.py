@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from detr.checkpoints.format import load_checkpoint
 from detr.data.synth import generate_synthetic_dataset
-from detr.engine.checkpoint import load_checkpoint
 from tests.servers import VENV_BIN, free_port, server_process
 
 

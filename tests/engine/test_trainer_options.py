@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from detr.checkpoints.format import load_checkpoint
+from detr.checkpoints.load import load_model
 from detr.config import load_config
 from detr.engine import trainer as trainer_module
 from detr.engine.callbacks import Callback
-from detr.engine.checkpoint import load_checkpoint
-from detr.engine.run import evaluate_checkpoint, train_from_config
 from detr.errors import DetrError
-from detr.models.load import load_model
+from detr.run import evaluate_checkpoint, train_from_config
 from tests.engine.conftest import SMALL_NUM_TRAIN as NUM_TRAIN
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from detr.checkpoints.format import load_checkpoint
 from detr.config import Config, load_config
-from detr.engine.checkpoint import load_checkpoint
-from detr.engine.run import evaluate_checkpoint, train_from_config
 from detr.engine.trainer import NonFiniteLossError
 from detr.errors import CheckpointError, DatasetFormatError
+from detr.run import evaluate_checkpoint, evaluate_checkpoint_report, train_from_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -181,6 +181,48 @@ def test_evaluation_does_not_depend_on_batch_size(straight_run):
         assert at_one[key] == pytest.approx(at_four[key], abs=1e-6, nan_ok=True), key
 
 
+def test_diagnostics_do_not_depend_on_batch_size(straight_run):
+    # Threshold 0: every detection of the young model takes part in the confusion matrix.
+    checkpoint = sorted(straight_run.glob("step-*.pt"))[-1]
+    at_one, report_one = evaluate_checkpoint_report(checkpoint, batch_size=1, progress=False, score_threshold=0.0,
+                                                    draw=False)
+    at_four, report_four = evaluate_checkpoint_report(checkpoint, batch_size=4, progress=False, score_threshold=0.0,
+                                                      draw=False)
+    assert {"tide/AP50", "tide/dAP/loc", "confusion/recall"} <= at_one.keys() == at_four.keys()
+    for key in at_one:
+        assert at_one[key] == pytest.approx(at_four[key], abs=1e-6, nan_ok=True), key
+    assert (report_one.diagnostics.confusion.counts == report_four.diagnostics.confusion.counts).all()
+    assert report_one.diagnostics.confusion.counts.sum() > 0
+    assert [w.image_id for w in report_one.diagnostics.worst] == [w.image_id for w in report_four.diagnostics.worst]
+
+
+def test_evaluate_command_prints_a_summary_writes_and_logs_the_diagnostics(straight_run, tmp_path, monkeypatch,
+                                                                            capsys):
+    import json
+
+    import mlflow
+
+    from detr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    run_id = mlflow.MlflowClient(uri).create_run(mlflow.MlflowClient(uri).create_experiment("e")).info.run_id
+    checkpoint = sorted(straight_run.glob("step-*.pt"))[-1]
+    main(["evaluate", str(checkpoint), "--score-threshold", "0.05", "--report", "report", "--json", "m.json",
+          "--mlflow-run", run_id])
+    out = capsys.readouterr().out
+    assert "at score >= 0.05 and IoU 0.50, over 3 images:" in out and "TIDE dAP50" in out
+    assert (tmp_path / "report" / "confusion_matrix.png").is_file() and (tmp_path / "report" / "summary.txt").is_file()
+    assert json.loads((tmp_path / "m.json").read_text())["confusion/score_threshold"] == 0.05
+    client = mlflow.MlflowClient(uri)
+    logged = {f.path for f in client.list_artifacts(run_id, "evaluate/val")}
+    assert {"evaluate/val/confusion_matrix.png", "evaluate/val/confusion_matrix.json", "evaluate/val/tide_errors.png",
+            "evaluate/val/per_class.json", "evaluate/val/summary.txt"} <= logged
+    assert "evaluate/val/tide/dAP/miss" in client.get_run(run_id).data.metrics
+
+
 def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(synth_dir, tmp_path):
     overrides = micro_overrides(synth_dir, tmp_path, **{"train.epochs": 50})
     command = [sys.executable, "-m", "detr.cli", "train", "--no-track",
@@ -232,6 +274,14 @@ def test_mlflow_run_records_params_metrics_artifacts_tags_and_inputs(synth_dir, 
     assert all(i.dataset.digest for i in inputs)
     images = client.list_artifacts(outcome.run_id, "images")
     assert images, "prediction overlays were not logged"
+    # The final evaluation's diagnostics: confusion matrix and TIDE chart (PNG + JSON), tables, summary.
+    diagnostics = {f.path for f in client.list_artifacts(outcome.run_id, "diagnostics")}
+    assert {"diagnostics/confusion_matrix.png", "diagnostics/confusion_matrix.json", "diagnostics/tide_errors.png",
+            "diagnostics/per_class.json", "diagnostics/worst_images.json", "diagnostics/summary.txt"} <= diagnostics
+    assert "tide/AP50" in run.data.metrics and "confusion/recall" in run.data.metrics
+    # The micro model scores below the serving threshold: the drawn predictions say so in their caption.
+    summary = mlflow.artifacts.load_text(f"runs:/{outcome.run_id}/diagnostics/summary.txt")
+    assert "score >= 0.50" in summary
 
 
 def test_a_finished_run_logs_and_registers_its_best_checkpoint_as_the_served_model(synth_dir, tmp_path, monkeypatch):

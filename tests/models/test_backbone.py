@@ -167,4 +167,4 @@ def test_nothing_is_downloaded(monkeypatch):
         for arch in ("detr", "deformable_detr"):
             config = load_config(None, [f"model.backbone.name={name}", f"model.arch={arch}"])
             with torch.device("meta"):
-                build_model(config, 2)
+                build_model(config.model, 2)

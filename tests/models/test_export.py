@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from detr.checkpoints.format import save_checkpoint
 from detr.cli import main
 from detr.config import Config
 from detr.data.labelmap import LabelMap
-from detr.engine.checkpoint import save_checkpoint
 from detr.errors import DetrError, InvalidInputError
 from detr.models.build import build_model
 from detr.models.export import export_onnx
@@ -95,7 +95,7 @@ def test_export_argument_errors(tmp_path):
 
 def test_cli_export(tmp_path, capsys):
     full = Config(model=tiny_model_config("deformable_multi_scale"))
-    model = build_model(full, 2).eval()
+    model = build_model(full.model, 2).eval()
     labels = LabelMap(("car", "person"))
     checkpoint = save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "config": full.to_dict(),
                                                          "label_map": labels.to_dict()})

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from detr.config import Config
 from detr.errors import InvalidInputError
 from detr.models.build import build_criterion, build_model
 
@@ -225,6 +226,14 @@ def test_two_stage_detr_queries_at_padding_start_from_the_whole_image(tiny_confi
 def test_num_classes_must_be_positive(tiny_config):
     with pytest.raises(InvalidInputError, match="num_classes"):
         build_model(tiny_config("detr"), 0)
+
+
+def test_builders_take_the_model_settings_not_the_whole_config(tiny_config):
+    """The config stops at the boundary (detr.run): a whole Config is refused with the way out."""
+    whole = Config(model=tiny_config("detr"))
+    for builder in (build_model, build_criterion):
+        with pytest.raises(InvalidInputError, match=r"a ModelConfig, got Config \(pass its model section"):
+            builder(whole, NUM_CLASSES)
 
 
 @pytest.mark.parametrize("variant", ["detr", "deformable_multi_scale", "deformable_two_stage"])

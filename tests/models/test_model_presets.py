@@ -47,7 +47,7 @@ def test_preset_validates_and_reads_the_synthetic_dataset(name):
 def test_paper_presets_have_the_papers_parameter_count(name, capsys):
     label, reported, tolerance, reported_total = PAPER_SIZES[name]
     with torch.device("meta"):  # structure only: no memory, no initialisation cost
-        model = build_model(load_config(CONFIGS / name), 91)
+        model = build_model(load_config(CONFIGS / name).model, 91)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     with capsys.disabled():
@@ -77,7 +77,7 @@ def test_paper_presets_follow_the_papers_recipes():
 def test_tiny_presets_run_on_a_synthetic_sized_image(name):
     config = load_config(CONFIGS / name)
     assert config.model.backbone.name == "resnet18" and config.model.num_queries <= 30
-    model = build_model(config, 6).eval()
+    model = build_model(config.model, 6).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 160, 160))
     assert out["pred_boxes"].shape == (1, config.model.num_queries, 4)

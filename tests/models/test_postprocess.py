@@ -120,7 +120,7 @@ def test_predict_thresholds_and_restores_the_mode(tiny_detr):
         ({"images": [], "score_threshold": 0.5}, "no images"),
         ({"images": [torch.zeros(1, 8, 8)], "score_threshold": 0.5}, r"images\[0\] must be a tensor \[3, H, W\]"),
         ({"images": torch.zeros(3, 8, 8), "score_threshold": 0.5}, r"\[B, 3, H, W\]"),
-        ({"images": torch.zeros(1, 3, 8, 8), "score_threshold": 1.5}, r"score_threshold must be in \[0, 1\]"),
+        ({"images": torch.zeros(1, 3, 8, 8), "score_threshold": 1.5}, r"score_threshold must be a number in \[0, 1\]"),
         ({"images": torch.zeros(1, 3, 8, 8), "score_threshold": 0.5, "max_detections": 0}, "max_detections"),
         ({"images": torch.zeros(1, 3, 8, 8), "score_threshold": 0.5, "image_sizes": [(8, 8), (8, 8)]}, "image_sizes"),
     ],

@@ -37,3 +37,10 @@ def test_bench_rejects_unknown_cases():
     done = subprocess.run([sys.executable, str(REPO / "bench" / "msda.py"), "--cases", "z"], capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert done.returncode == 2 and "unknown case(s) ['z']" in done.stderr
+
+
+def test_bench_rejects_unknown_dtypes():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "msda.py"), "--dtypes", "fp32,int8"],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 2 and "--dtypes 'fp32,int8': choose from fp32, bf16, fp16" in done.stderr
+

@@ -21,14 +21,14 @@ import torch
 import yaml
 
 from deploy.images import encode_png_base64
+from detr.checkpoints.format import load_checkpoint
 from detr.cli import main
-from detr.config import load_config
+from detr.config import apply_overrides, load_config
 from detr.data.synth import CLASSES, image_rng, render_scene
-from detr.engine.checkpoint import load_checkpoint
-from detr.engine.run import train_from_config
 from detr.errors import ConfigError, InvalidInputError
-from detr.search_space import apply_overrides, search_space_from_dict
-from detr.search_tracking import PLOT_ARTIFACT, TRIAL_ID_TAG
+from detr.run import train_from_config
+from detr.search.runs import PLOT_ARTIFACT, TRIAL_ID_TAG
+from detr.search.space import search_space_from_dict
 from tests.tune.conftest import EXPERIMENT, micro_search_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +58,7 @@ def history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]
 @pytest.mark.slow
 def test_asha_search_logs_a_sweep_run_with_one_child_per_trial_and_serves_the_best(micro_data, tmp_path,
                                                                                     tracking_uri):
-    from detr.tune import run_search
+    from detr.search.tune import run_search
 
     config = micro_search_config(micro_data, tmp_path, tracking_uri)
     space = search_space_from_dict(SPACE, source="micro_space.yaml")
@@ -213,7 +213,7 @@ def final_trial_weights(trial_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_mistakes_fail_before_ray_starts(micro_data, tmp_path, tracking_uri):
-    from detr.tune import run_search
+    from detr.search.tune import run_search
 
     config = micro_search_config(micro_data, tmp_path, tracking_uri)
     space = search_space_from_dict(SPACE, source="micro_space.yaml")

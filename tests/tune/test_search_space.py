@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from detr.config import load_config
+from detr.config import apply_overrides, load_config
 from detr.errors import ConfigError
-from detr.search_space import (Choice, Fixed, Grid, LogUniform, RandInt, Uniform, apply_overrides,
-                               load_search_space, search_space_from_dict)
+from detr.search.space import (Choice, Fixed, Grid, LogUniform, RandInt, Uniform, load_search_space,
+                               search_space_from_dict)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,8 +1,11 @@
-"""The training boundary: a resolved ``Config`` in, a trained model and its checkpoints out.
+"""The config boundary: a resolved ``Config`` in, a trained model and its checkpoints out.
 
 This is where the config is unpacked into typed arguments for the data loaders, model, criterion,
-optimizer, schedule, evaluator and trainer; nothing below receives the config object. The CLI,
-the MLproject entry points, the Ray Tune trainable and notebooks all call ``train_from_config``.
+optimizer, schedule, evaluator, trainer and MLflow tracking; nothing below receives the config
+object. It is also where training is handed the serve side's model logger
+(``deploy.packaging.log_detr_model``), so that neither the engine nor the tracking imports
+``deploy``. The CLI, the MLproject entry points, the search's trials and notebooks all call
+``train_from_config``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from detr.checkpoints.format import CheckpointDirectory, load_checkpoint
 from detr.config import Config
 from detr.data.dataset import DetectionDataset
 from detr.data.labelmap import LabelMap
@@ -20,7 +24,7 @@ from detr.data.loader import build_loader
 from detr.data.sources import load_splits
 from detr.data.transforms import build_split_transforms
 from detr.engine.callbacks import Callback, EpochSummary
-from detr.engine.checkpoint import CheckpointDirectory, load_checkpoint
+from detr.engine.diagnostics import DiagnosticReport
 from detr.engine.distributed import DistributedContext, init_distributed, shutdown_distributed
 from detr.engine.evaluation import Evaluator
 from detr.engine.optim import build_optimizer, build_scheduler
@@ -28,6 +32,7 @@ from detr.engine.sampler import ResumableSampler
 from detr.engine.trainer import Trainer, TrainerSettings, evaluate_model
 from detr.errors import CheckpointError, ConfigError
 from detr.models.build import build_criterion, build_model, build_postprocess
+from detr.models.detection_params import DEFAULT_SCORE_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -150,9 +155,9 @@ def _build_trainer(
     train_cfg, data_cfg = config.train, config.data
     # Same seed on every rank: identical initial weights (DDP also broadcasts them from rank 0).
     torch.manual_seed(train_cfg.seed)
-    model = build_model(config, len(label_map)).to(device)
-    criterion = build_criterion(config, len(label_map)).to(device)
-    postprocess = build_postprocess(config)
+    model = build_model(config.model, len(label_map)).to(device)
+    criterion = build_criterion(config.model, len(label_map)).to(device)
+    postprocess = build_postprocess(config.model)
 
     sampler = ResumableSampler(len(train_set), shuffle=True, seed=train_cfg.seed,
                                rank=dist_ctx.rank, world_size=dist_ctx.world_size)
@@ -211,6 +216,7 @@ def _build_trainer(
 
 def _mlflow_callback(config: Config, trainer: Trainer, train_set: DetectionDataset,
                      val_set: DetectionDataset | None) -> Callback:
+    from deploy.packaging import log_detr_model
     from detr.engine.overlays import OverlayRenderer
     from detr.engine.pr_curves import coco_curves, pr_figure
     from detr.ops.dispatch import choose_backend
@@ -221,6 +227,12 @@ def _mlflow_callback(config: Config, trainer: Trainer, train_set: DetectionDatas
         if result is None or result.coco is None:
             return None
         return pr_figure(coco_curves(result.coco), title="Precision-recall at IoU 0.5 (COCO)")
+
+    def diagnostics():
+        evaluator = trainer.evaluator
+        if evaluator is None or evaluator.last_result is None:
+            return None
+        return evaluator.report(DEFAULT_SCORE_THRESHOLD)
 
     overlays = None
     if val_set is not None and len(val_set) and config.tracking.num_overlay_images:
@@ -242,9 +254,11 @@ def _mlflow_callback(config: Config, trainer: Trainer, train_set: DetectionDatas
               "msda_backend": choose_backend("auto", trainer.device.type)},
         overlays=overlays,
         pr_curves=pr_curves,
+        diagnostics=diagnostics,
         log_every_steps=config.tracking.log_every_steps,
         served_model=((config.tracking.registered_model, config.tracking.registered_alias)
                       if config.tracking.log_model else None),
+        log_model=log_detr_model,
     )
 
 
@@ -259,7 +273,35 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """COCO and VOC metrics of a checkpoint on a split of ``config``'s data (default: the config
     stored in the checkpoint). The checkpoint's label map must equal the dataset's."""
-    from detr.models.load import load_model
+    evaluator = _evaluate_checkpoint(checkpoint, config=config, split=split, batch_size=batch_size, device=device,
+                                     progress=progress)
+    return dict(evaluator.last_result.metrics)
+
+
+def evaluate_checkpoint_report(
+    checkpoint: str | Path,
+    *,
+    config: Config | None = None,
+    split: str = "val",
+    batch_size: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+    draw: bool = True,
+) -> tuple[dict[str, float], DiagnosticReport]:
+    """As :func:`evaluate_checkpoint`, plus the diagnostics at ``score_threshold`` (confusion matrix,
+    TIDE errors, per-class numbers, the worst images drawn when ``draw``); the metrics include the
+    diagnostics' numbers (``confusion/...``, ``tide/...``)."""
+    evaluator = _evaluate_checkpoint(checkpoint, config=config, split=split, batch_size=batch_size, device=device,
+                                     progress=progress)
+    metrics = evaluator.last_result.metrics
+    report = evaluator.report(score_threshold, draw=draw)
+    return {**metrics, **report.metrics()}, report
+
+
+def _evaluate_checkpoint(checkpoint: str | Path, *, config: Config | None, split: str, batch_size: int | None,
+                         device: str, progress: bool) -> Evaluator:
+    from detr.checkpoints.load import load_model
 
     torch_device = resolve_device(device)
     model, stored_config, label_map = load_model(checkpoint, device=torch_device)
@@ -272,5 +314,6 @@ def evaluate_checkpoint(
     loader = build_loader(dataset, build_split_transforms(config.data.transforms, "val"),
                           batch_size=batch_size or config.train.batch_size, shuffle=False,
                           num_workers=config.data.num_workers)
-    return evaluate_model(model, loader, build_postprocess(config), Evaluator(dataset), torch_device,
-                          progress=progress)
+    evaluator = Evaluator(dataset)
+    evaluate_model(model, loader, build_postprocess(config.model), evaluator, torch_device, progress=progress)
+    return evaluator

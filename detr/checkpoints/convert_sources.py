@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from detr.engine.checkpoint import KIND
+from detr.checkpoints.format import KIND
 from detr.errors import CheckpointError
 
 # COCO's class ids as the official DETR and Deformable DETR models predict them: index = COCO

@@ -15,7 +15,7 @@ YAML reads ``1e-4`` (no dot) as text, not a number: write ``1.0e-4``. Every key 
 distribution can produce at its edges (both bounds, each option) is checked against the config
 schema before anything runs, so a typo fails in a second instead of in each trial.
 
-This module knows nothing of Ray; ``detr.tune`` turns the distributions into ``ray.tune`` ones.
+This module knows nothing of Ray; ``detr.search.tune`` turns the distributions into ``ray.tune`` ones.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-from detr.config import Config, config_from_dict, read_yaml
+from detr.config import Config, apply_overrides, read_yaml
 from detr.errors import ConfigError
 
 # Set by the search itself, never by the space: each trial trains in its own checkpoint directory,
@@ -181,24 +180,6 @@ class SearchSpace:
             distribution = self.parameters[key]
             which = "" if isinstance(distribution, Fixed) else f" (from {describe(distribution)})"
             raise ConfigError(f"{self.source}: '{key}' = {overrides[key]!r}{which} is rejected by {error}") from None
-
-
-def apply_overrides(config: Config, overrides: Mapping[str, Any], *, source: str) -> Config:
-    """``config`` with dotted keys set to Python values (not YAML text), validated by the schema:
-    an unknown key is a ``ConfigError`` that lists the accepted keys at that level."""
-    raw = config.to_dict()
-    for key, value in overrides.items():
-        node = raw
-        parts = key.split(".")
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:  # an unset optional section (e.g. data.val) or an unknown key
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"{source}: '{'.'.join(parts[: depth + 1])}' is not a section, cannot set '{key}'")
-            node = child
-        node[parts[-1]] = value
-    return config_from_dict(raw, source=source)
 
 
 def load_search_space(path: str | Path) -> SearchSpace:

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from detr.checkpoints.convert_sources import SourceWeights
 from detr.config import Config, config_from_dict
 from detr.errors import CheckpointError, ConfigError
-from detr.models.convert_sources import SourceWeights
 
 # Blocks per stage (layer1..layer4) and block type of the torchvision ResNets the backbone supports.
 _RESNETS = {

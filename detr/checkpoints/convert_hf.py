@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from detr.checkpoints.convert_sources import SourceWeights, is_state_dict, load_torch_file, unique_class_names
 from detr.errors import CheckpointError
-from detr.models.convert_sources import SourceWeights, is_state_dict, load_torch_file, unique_class_names
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
+from detr.checkpoints.convert_arch import infer_config
+from detr.checkpoints.convert_hf import read_hf
+from detr.checkpoints.convert_sources import SourceWeights, read_official_deformable, read_official_detr
+from detr.checkpoints.format import save_checkpoint
 from detr.data.labelmap import LabelMap
-from detr.engine.checkpoint import save_checkpoint
 from detr.errors import CheckpointError, InvalidInputError
 from detr.models.build import build_model
-from detr.models.convert_arch import infer_config
-from detr.models.convert_hf import read_hf
-from detr.models.convert_sources import SourceWeights, read_official_deformable, read_official_detr
 
 SOURCES = ("detr", "deformable_detr", "hf")
 _CLASS_HEAD = re.compile(r"^class_embed(?:\.(\d+))?\.(weight|bias)$")
@@ -129,7 +129,7 @@ def convert_with_report(
     relabel = target_map.names != source_map.names
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_INIT_SEED)
-        model = build_model(config, len(target_map))
+        model = build_model(config.model, len(target_map))
     report = ConversionReport(
         source=src.kind, src_path=src_path, out_path=out_path, architecture=_describe(config),
         label_map=target_map, label_source=src.label_source, source_classes=len(source_map),

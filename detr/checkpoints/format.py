@@ -1,4 +1,4 @@
-"""Checkpoint files: one file per checkpoint, written atomically, loaded with ``weights_only=True``.
+"""The checkpoint file format: one file per checkpoint, written atomically, loaded with ``weights_only=True``.
 
 Contents (DESIGN.md "Checkpoint"): model, optimizer, scheduler, grad scaler, EMA, epoch, step, RNG
 states, sampler state, resolved config (JSON-able dict), label map, metrics, format version. Only
@@ -10,35 +10,21 @@ from __future__ import annotations
 
 import os
 import pickle
-import random
 import signal
 import tempfile
 import threading
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from detr.errors import CheckpointError
 
 FORMAT_VERSION = 1
 KIND = "mlflow-detr-checkpoint"
-
-
-@dataclass
-class TrainingState:
-    """Where training stands; everything needed to continue exactly."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps completed
-    samples_in_epoch: int = 0  # samples of the current epoch already consumed (mid-epoch checkpoints)
-    best_metric: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -115,41 +101,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version}, this package reads {FORMAT_VERSION}")
     return data
-
-
-# -- RNG states ------------------------------------------------------------------------------
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """RNG states of torch (CPU and CUDA), numpy and Python as weights_only-safe types."""
-    np_state = np.random.get_state()
-    py_version, py_internal, py_gauss = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    np_state = state["numpy"]
-    np.random.set_state(
-        ("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"],
-         np_state["cached_gaussian"])
-    )
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # -- the checkpoint directory ----------------------------------------------------------------

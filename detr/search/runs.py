@@ -3,8 +3,8 @@
 The sweep run holds the search's definition (settings, search space, base config) from the start,
 and at the end the best trial's params and metric, the trial counts, a plot of every trial's metric
 per epoch and the best checkpoint as the pyfunc model "model". The trials' own runs are its
-children (``detr.tune`` logs them through Ray). This module reads Ray's ``ResultGrid`` through its
-public attributes only and does not import ray.
+children (``detr.search.trial_runs`` logs them through Ray). This module reads Ray's ``ResultGrid``
+through its public attributes only and does not import ray.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import mlflow
 
 from detr.config import Config
 from detr.errors import DetrError, InvalidInputError
-from detr.search_space import SearchSpace
-from detr.tracking import metric_key, tracked_run, use_tracking_uri
+from detr.search.space import SearchSpace
+from detr.tracking import ModelLogger, metric_key, tracked_run, use_tracking_uri
 
 PLOT_ARTIFACT = "plots/metric_vs_epoch.png"
 TRIAL_ID_TAG = "search.trial_id"  # on each child run: the Ray trial it records
@@ -141,12 +141,10 @@ def _first_line(error: BaseException) -> str:
 
 
 def log_search_results(trials: Sequence[TrialSummary], best: TrialSummary, *, metric: str, mode: str,
-                       checkpoint: Path, register: tuple[str, str | None] | None) -> str:
+                       checkpoint: Path, register: tuple[str, str | None] | None, log_model: ModelLogger) -> str:
     """Into the active (sweep) run: the best trial's params, metric and run, the trial counts, the
-    plot, and ``checkpoint`` as the pyfunc model "model" (registered with ``register=(name, alias)``).
-    Returns the URI to serve."""
-    from deploy.packaging import log_detr_model
-
+    plot, and ``checkpoint`` as the pyfunc model "model" logged by ``log_model`` (registered with
+    ``register=(name, alias)``). Returns the URI to serve."""
     mlflow.log_params({f"best.{key}": value for key, value in best.params.items()})
     counts = {status: sum(t.status == status for t in trials) for status in ("finished", "stopped early", "failed")}
     mlflow.log_metrics({f"best/{metric_key(metric)}": best.best_value,
@@ -154,7 +152,7 @@ def log_search_results(trials: Sequence[TrialSummary], best: TrialSummary, *, me
     mlflow.set_tags({"search.best_trial": best.name, **({"search.best_run_id": best.run_id} if best.run_id else {})})
     mlflow.log_figure(plot_trials(trials, metric=metric, mode=mode, best=best.name), PLOT_ARTIFACT)
     name, alias = register if register else (None, None)
-    logged = log_detr_model(checkpoint, registered_name=name, alias=alias)
+    logged = log_model(checkpoint, registered_name=name, alias=alias)
     mlflow.set_tag("served_model_uri", logged.serving_uri)
     return logged.serving_uri
 

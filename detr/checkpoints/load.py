@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from detr.checkpoints.format import load_checkpoint
 from detr.config import Config, config_from_dict
 from detr.data.labelmap import LabelMap
-from detr.engine.checkpoint import load_checkpoint
 from detr.errors import CheckpointError
 from detr.models.build import build_model
 
@@ -25,19 +26,28 @@ def load_model(
     """
     path = Path(checkpoint)
     data = load_checkpoint(path, map_location=device)
-    for key in ("model", "config", "label_map"):
-        if key not in data:
-            raise CheckpointError(f"{path}: checkpoint has no {key!r} entry; it was not written by this package")
+    require_model_entries(data, path)
     config = config_from_dict(data["config"], source=f"{path} (stored config)")
     label_map = LabelMap.from_dict(data["label_map"], source=f"{path} (stored label map)")
-    model = build_model(config, len(label_map))
-    state = data["model"]
-    ema = data.get("ema")
-    if use_ema and ema is not None:
-        # AveragedModel's state dict: "module.<name>" entries plus its "n_averaged" counter.
-        state = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+    model = build_model(config.model, len(label_map))
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(inference_weights(data, use_ema=use_ema))
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the stored model config ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), config, label_map
+
+
+def require_model_entries(data: dict[str, Any], path: str | Path) -> None:
+    """A checkpoint that can rebuild its model holds the weights, the config and the label map."""
+    for key in ("model", "config", "label_map"):
+        if key not in data:
+            raise CheckpointError(f"{path}: checkpoint has no {key!r} entry; it was not written by this package")
+
+
+def inference_weights(data: dict[str, Any], *, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The model's state dict, or its EMA weights when the checkpoint has them and ``use_ema``."""
+    ema = data.get("ema")
+    if use_ema and ema is not None:
+        # AveragedModel's state dict: "module.<name>" entries plus its "n_averaged" counter.
+        return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+    return data["model"]

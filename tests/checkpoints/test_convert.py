@@ -20,14 +20,14 @@ import pytest
 import torch
 
 import detr
+from detr.checkpoints.convert import convert_checkpoint, convert_with_report
+from detr.checkpoints.convert_sources import COCO_91_CLASSES
+from detr.checkpoints.format import load_checkpoint, save_checkpoint
+from detr.checkpoints.load import load_model
 from detr.cli import main
 from detr.data.labelmap import LabelMap
-from detr.engine.checkpoint import load_checkpoint, save_checkpoint
 from detr.errors import CheckpointError, InvalidInputError
 from detr.models.build import build_model
-from detr.models.convert import convert_checkpoint, convert_with_report
-from detr.models.convert_sources import COCO_91_CLASSES
-from detr.models.load import load_model
 from tests.models.conftest import tiny_model_config
 
 H, W = 64, 96

@@ -1,0 +1,215 @@
+"""DETR and Deformable DETR against Hugging Face transformers: the same architecture, the same weights.
+
+For each architecture a transformers model is built with random weights (an R50 ResNet of
+transformers' own, nothing downloaded), saved, and converted with ``detr convert --source hf``; our
+model is that checkpoint. Before any timing the outputs of both are compared on the benchmark batch
+(eval mode); a difference above 1e-4 stops the run. Then, in one process and interleaved (ours,
+theirs, ours, ...) so that a busy machine slows both alike:
+
+* inference: a forward pass of the batch without autograd;
+* training step: forward, loss, backward and an AdamW step (each model with its own loss code, on
+  the same targets).
+
+Ours runs once with the native deformable-attention kernel and once with the grid_sample reference
+(``DETR_MSDA_BACKEND``); DETR has no deformable attention, so its two rows measure the same code.
+Ratios above 1 mean ours is faster.
+
+    python bench/peer.py                       # both architectures, batch 2 at 512x512, 3 timed runs
+    python bench/peer.py --arch deformable_detr --size 320x320 --repeats 5 --threads 2
+
+transformers is a bench extra (``pip install 'mlflow-detr[bench]'``). Results are in bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+NUM_CLASSES = 91
+BOXES_PER_IMAGE = 7
+ARCHS = ("detr", "deformable_detr")
+TOLERANCE = 1e-4
+
+
+def build_peer(arch: str, seed: int = 0):
+    """A transformers model of the paper's R50 architecture with random weights."""
+    import transformers
+
+    backbone = transformers.ResNetConfig(
+        depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck",
+        out_features=["stage4"] if arch == "detr" else ["stage2", "stage3", "stage4"],
+    )
+    labels = {i: f"class{i}" for i in range(NUM_CLASSES)}
+    common = dict(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
+                  id2label=labels, dropout=0.0)
+    torch.manual_seed(seed)  # transformers initialises from the global RNG
+    if arch == "detr":
+        return transformers.DetrForObjectDetection(transformers.DetrConfig(num_queries=100, **common))
+    config = transformers.DeformableDetrConfig(num_queries=300, num_feature_levels=4, encoder_n_points=4,
+                                               decoder_n_points=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
+                                               **common)
+    return transformers.DeformableDetrForObjectDetection(config)
+
+
+def ours_from(peer, workdir: Path):
+    """Our model converted from the peer's saved weights (the converter users run)."""
+    from detr import convert_checkpoint, load_model
+
+    peer.save_pretrained(workdir / "peer")
+    checkpoint = convert_checkpoint(workdir / "peer", "hf", out=workdir / "ours.pt")
+    model, config, _ = load_model(checkpoint)
+    return model, config
+
+
+def batch(size: tuple[int, int], count: int, seed: int = 0):
+    """Images [B, 3, H, W], padding mask [B, H, W] (none padded) and normalized cxcywh targets."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(count, 3, *size, generator=g)
+    masks = torch.zeros(count, *size, dtype=torch.bool)
+    targets = []
+    for _ in range(count):
+        wh = 0.05 + 0.3 * torch.rand(BOXES_PER_IMAGE, 2, generator=g)
+        centre = wh / 2 + (1 - wh) * torch.rand(BOXES_PER_IMAGE, 2, generator=g)
+        targets.append({"labels": torch.randint(0, NUM_CLASSES, (BOXES_PER_IMAGE,), generator=g),
+                        "boxes": torch.cat([centre, wh], 1)})
+    return images, masks, targets
+
+
+def compare_outputs(ours, peer, images, masks) -> float:
+    ours.eval()
+    peer.eval()
+    with torch.no_grad():
+        mine = ours(images, masks)
+        theirs = peer(pixel_values=images, pixel_mask=(~masks).long())
+    return max((mine["pred_logits"] - theirs.logits).abs().max().item(),
+               (mine["pred_boxes"] - theirs.pred_boxes).abs().max().item())
+
+
+class Runner:
+    """One model's inference and training step, with its own loss and optimizer."""
+
+    def __init__(self, name: str, model, step_loss, lr: float = 1e-4) -> None:
+        self.name = name
+        self.model = model
+        self.step_loss = step_loss
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def infer(self, images, masks) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            self.step_loss(self.model, images, masks, None)
+
+    def train_step(self, images, masks, targets) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.step_loss(self.model, images, masks, targets)
+        loss.backward()
+        self.optimizer.step()
+
+
+def our_runner(name: str, model, config) -> Runner:
+    from detr.models.build import build_criterion
+
+    criterion = build_criterion(config.model, NUM_CLASSES)
+
+    def step_loss(m, images, masks, targets):
+        outputs = m(images, masks)
+        return None if targets is None else criterion(outputs, targets)["weighted_total"]
+
+    return Runner(name, model, step_loss)
+
+
+def peer_runner(model) -> Runner:
+    def step_loss(m, images, masks, targets):
+        labels = None if targets is None else [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+        out = m(pixel_values=images, pixel_mask=(~masks).long(), labels=labels)
+        return out.loss
+
+    return Runner("transformers", model, step_loss)
+
+
+def timed(call, backend: str | None) -> float:
+    if backend is not None:
+        os.environ["DETR_MSDA_BACKEND"] = backend
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def bench_arch(arch: str, size: tuple[int, int], count: int, repeats: int) -> None:
+    peer = build_peer(arch)
+    with tempfile.TemporaryDirectory(prefix="peer-") as workdir:
+        ours, config = ours_from(peer, Path(workdir))
+    images, masks, targets = batch(size, count)
+    difference = compare_outputs(ours, peer, images, masks)
+    print(f"{arch}: {sum(p.numel() for p in ours.parameters()) / 1e6:.2f}M parameters; outputs of ours and "
+          f"transformers differ by at most {difference:.1e} (eval, batch {count} at {size[0]}x{size[1]})", flush=True)
+    if difference > TOLERANCE:
+        raise SystemExit(f"{arch}: outputs differ by {difference:.2e} > {TOLERANCE}: the models are not the same")
+
+    # Training changes the weights; each runner trains its own copy from the same start.
+    runners = {"native": (our_runner("ours", ours, config), "native"),
+               "reference": (our_runner("ours", _copy(ours), config), "reference"),
+               "transformers": (peer_runner(peer), None)}
+    for mode in ("inference", "training step"):
+        times: dict[str, list[float]] = {key: [] for key in runners}
+        for round_index in range(repeats + 1):  # the first round warms up
+            for key, (runner, backend) in runners.items():
+                call = ((lambda r=runner: r.infer(images, masks)) if mode == "inference"
+                        else (lambda r=runner: r.train_step(images, masks, targets)))
+                seconds = timed(call, backend)
+                if round_index:
+                    times[key].append(seconds)
+        median = {key: statistics.median(values) for key, values in times.items()}
+        print(f"  {mode:<14} transformers {median['transformers']:7.2f} s | ours native {median['native']:7.2f} s "
+              f"({median['transformers'] / median['native']:.2f}x) | ours reference {median['reference']:7.2f} s "
+              f"({median['transformers'] / median['reference']:.2f}x)", flush=True)
+    os.environ.pop("DETR_MSDA_BACKEND", None)
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default=",".join(ARCHS), help="comma-separated: detr, deformable_detr")
+    parser.add_argument("--size", default="512x512", help="HEIGHTxWIDTH (default 512x512)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    if not archs or any(a not in ARCHS for a in archs):
+        parser.error(f"--arch {args.arch!r}: choose from {', '.join(ARCHS)}")
+    try:
+        size = tuple(int(v) for v in args.size.lower().split("x"))
+        assert len(size) == 2
+    except (ValueError, AssertionError):
+        parser.error(f"--size {args.size!r}: expected HEIGHTxWIDTH, e.g. 512x512")
+    try:
+        import transformers
+    except ImportError:
+        parser.error("transformers is not installed: pip install 'mlflow-detr[bench]'")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} rounds; ratio = transformers time / ours", flush=True)
+    for arch in archs:
+        bench_arch(arch, size, args.batch, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Smoke runs of the training benchmarks (bench/train_step.py, bench/profile_step.py) on the CPU: they
+run, and print the rows their README describes. Their numbers are not checked: speed is for benchmarks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+@pytest.mark.slow
+def test_train_step_bench_runs_a_preset_on_the_cpu():
+    done = _run("train_step.py", "--configs", "configs/deformable_detr_tiny.yaml", "--size", "64x96", "--batch", "1",
+                "--amp", "none", "--device", "cpu", "--warmup", "1", "--steps", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("deformable_detr_tiny"))
+    preset, amp, params, step_ms, best_ms, images_per_s, _peak, finite = row.split()
+    assert amp == "none" and float(params) > 1 and float(step_ms) > 0 and finite == "True"
+
+
+@pytest.mark.slow
+def test_profile_step_splits_a_step_into_its_parts():
+    done = _run("profile_step.py", "configs/deformable_detr_tiny.yaml", "--image-size", "96x96", "--batch", "2",
+                "--steps", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line[:50].strip(): float(line[50:].split()[0]) for line in done.stdout.splitlines()
+            if line.startswith("  ")}
+    for part in ("data loading", "forward (total)", "forward: backbone", "forward: encoder",
+                 "forward:   of which deformable attention", "criterion:   of which matching", "backward (total)",
+                 "backward:   convolutions", "backward:   deformable attention", "optimizer (clip + AdamW)"):
+        assert rows[part] > 0, part
+    # The parts of the forward (not counting the deformable attention inside them) add up to no more than it.
+    forward_parts = [v for k, v in rows.items() if k.startswith("forward: ") and "of which" not in k]
+    assert sum(forward_parts) <= rows["forward (total)"] * 1.001
