@@ -55,7 +55,10 @@ def wait_ready(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize("batching", [True, False])
-def test_a_bug_is_a_500_without_traceback_and_is_logged(detr_checkpoint, caplog, batching):
+def test_a_bug_is_a_500_without_traceback_and_is_logged(detr_checkpoint, caplog, monkeypatch, batching):
+    # import-linter (tests/test_layers.py, same process) configures logging with dictConfig, which
+    # disables every logger that existed before: undo that for the app's logger.
+    monkeypatch.setattr(logging.getLogger("deploy.app"), "disabled", False)
     BrokenDetector.calls = 0
     app = create_app(BrokenDetector.from_checkpoint(detr_checkpoint), batching=batching)
     with TestClient(app, raise_server_exceptions=False) as client:
