@@ -154,3 +154,26 @@ def test_api_docs_render_offline(browser, detr_server, page, selector, title):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / f"serve_{page}.png"))
     assert_only_local(requested_urls(browser), detr_server.url)
+
+
+def test_page_takes_a_dropped_image(browser, detr_server, tmp_path):
+    """The drop zone: a PNG dropped on it (a real DragEvent carrying the file) is detected and drawn."""
+    import base64
+    import io
+
+    from selenium.webdriver.common.by import By
+
+    buffer = io.BytesIO()
+    Image.fromarray(scene_pixels(12, 200, 150)).save(buffer, format="PNG")
+    browser.get(f"{detr_server.url}/")
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#classes li"), what="the class list")
+    browser.execute_script("""
+        const t = document.getElementById('threshold'); t.value = '0'; t.dispatchEvent(new Event('input'));
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
+        document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true}));
+    """, base64.b64encode(buffer.getvalue()).decode())
+    boxes = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".figure svg rect.box"), what="drawn boxes")
+    assert boxes
+    assert "dropped.png — 200×150" in browser.find_element(By.CSS_SELECTOR, ".result h3").text
