@@ -233,10 +233,12 @@ def create_app(
         params = DetectionParams(score_threshold=score_threshold, max_detections=max_detections,
                                  box_format=box_format)
         metrics.images_per_request.observe(len(image))
-        pixels = await run_in_threadpool(_decode_all, image, limits)
         if batcher is not None:
-            predictions = await batcher.detect(pixels, params)
+            with batcher.expecting():
+                pixels = await run_in_threadpool(_decode_all, image, limits)
+            predictions = await batcher.submit(pixels, params)
         else:
+            pixels = await run_in_threadpool(_decode_all, image, limits)
             metrics.batch_size.observe(len(pixels))
             predictions = await run_in_threadpool(detector.detect, pixels, params)
         return {"status": "ok", "predictions": predictions}

@@ -1,9 +1,11 @@
 """Cross-request dynamic batching: images of concurrent requests share the detector's forward passes.
 
-A request's images are queued one by one with its ``DetectionParams``; one worker thread takes what
-the queue holds, waits up to ``max_wait_s`` for more while the batch has fewer than
-``max_batch_size`` images, and runs ``Detector.detect`` once per distinct ``DetectionParams`` in
-the batch (the usual case, every request with the default params, is one call). ``Detector.detect``
+A request's images are queued one by one with its ``DetectionParams``; a worker thread takes what
+the queue holds and, while the batch has fewer than ``max_batch_size`` images and other requests are
+on their way (``expecting``: received, images still decoding), waits up to ``max_wait_s`` for them.
+A lone request never waits. The worker then runs ``Detector.detect`` once per distinct
+``DetectionParams`` in the batch (the usual case, every request with the default params, is one
+call). ``Detector.detect``
 stacks only same-size inputs and never pads, so an image's detections do not depend on the other
 images of the batch, whichever requests they came from.
 
@@ -18,7 +20,8 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -62,6 +65,19 @@ class Batcher:
         self.workers = workers
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
+        self._expected = 0  # requests received whose images are not queued yet
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Around a request's decoding: batches forming meanwhile wait for its images."""
+        with self._lock:
+            self._expected += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._expected -= 1
 
     def start(self) -> None:
         if not self._threads:
@@ -77,12 +93,16 @@ class Batcher:
             thread.join(timeout=30)
         self._threads = []
 
-    async def detect(self, images: Sequence[torch.Tensor], params: DetectionParams) -> list[dict]:
-        """The records of ``images``, in order, computed in batches shared with other requests."""
+    def submit(self, images: Sequence[torch.Tensor], params: DetectionParams) -> Awaitable[list[dict]]:
+        """Queue ``images``; await the result for their records, in order."""
         items = [_Item(image, params) for image in images]
         for item in items:
             self._queue.put(item)
-        return list(await asyncio.gather(*(asyncio.wrap_future(item.future) for item in items)))
+        return asyncio.gather(*(asyncio.wrap_future(item.future) for item in items))
+
+    async def detect(self, images: Sequence[torch.Tensor], params: DetectionParams) -> list[dict]:
+        """The records of ``images``, in order, computed in batches shared with other requests."""
+        return list(await self.submit(images, params))
 
     def _run(self) -> None:
         while True:
@@ -94,9 +114,17 @@ class Batcher:
             stop = False
             while len(batch) < self.max_batch_size:
                 remaining = deadline - time.monotonic()
+                if self._expected == 0 and self._queue.empty():
+                    break  # nobody else is coming: do not make this request wait
                 try:
-                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                    # In slices of at most 1 ms: the wait ends as soon as nobody else is coming.
+                    if remaining > 0:
+                        item = self._queue.get(timeout=min(remaining, 0.001))
+                    else:
+                        item = self._queue.get_nowait()
                 except queue.Empty:
+                    if remaining > 0:
+                        continue
                     break
                 if item is None:
                     stop = True

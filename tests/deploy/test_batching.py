@@ -58,3 +58,37 @@ def test_concurrent_requests_share_batches_without_changing_results(detr_server,
         assert record["labels"] == alone["labels"] and record["image_size"] == alone["image_size"], i
         np.testing.assert_allclose(record["scores"], alone["scores"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(record["boxes"], alone["boxes"], rtol=1e-4, atol=1e-3)
+
+
+def test_a_lone_request_does_not_wait_and_an_announced_one_is_waited_for(detr_checkpoint):
+    import asyncio
+    import time
+
+    from deploy.batching import Batcher
+
+    sizes: list[int] = []
+    batcher = Batcher(Detector.from_checkpoint(detr_checkpoint), max_batch_size=8, max_wait_s=5.0,
+                      on_batch=sizes.append, workers=1)
+    image = torch.from_numpy(scene_pixels(5, 120, 90)).permute(2, 0, 1)
+    batcher.start()
+    try:
+        async def lone():
+            start = time.monotonic()
+            await batcher.detect([image], DetectionParams())
+            return time.monotonic() - start
+
+        assert asyncio.run(lone()) < 4.0  # not the 5 s of max_wait_s
+        assert sizes == [1]
+
+        async def two_requests():
+            with batcher.expecting():  # the second request is still decoding its image
+                first = batcher.submit([image], DetectionParams())
+                await asyncio.sleep(0.3)
+                second = batcher.submit([image], DetectionParams())
+            return await first, await second
+
+        first, second = asyncio.run(two_requests())
+        assert sizes == [1, 2]  # one forward pass for both
+        assert first == second
+    finally:
+        batcher.stop()

@@ -19,7 +19,8 @@ from PIL import Image
 
 from tests.deploy.conftest import CLASSES, scene_pixels
 
-ARTIFACTS = Path(os.environ.get("DETR_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "outputs" / "test-artifacts"))
+ARTIFACTS = Path(os.environ.get("DETR_TEST_ARTIFACTS",
+                                Path(__file__).resolve().parents[2] / "outputs" / "test-artifacts"))
 # No network here, and none wanted: a fresh profile, nothing fetched in the background.
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--window-size=1280,1000")
