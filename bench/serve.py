@@ -58,7 +58,7 @@ def tiny_checkpoint(out: Path) -> Path:
     config = load_config(REPO / "configs" / "deformable_detr_tiny.yaml")
     classes = ("circle", "square", "triangle")
     torch.manual_seed(0)
-    model = build_model(config, len(classes))
+    model = build_model(config.model, len(classes))
     return save_checkpoint(out, {"model": model.state_dict(), "config": config.to_dict(),
                                  "label_map": LabelMap(classes).to_dict()})
 
