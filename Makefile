@@ -10,9 +10,23 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= outputs/demo
 DEMO_ARGS ?=
 
-.PHONY: setup demo test test-fast clean-venv
+.PHONY: setup system-packages demo test test-fast clean-venv
 
-setup:
+# Debian packages the tests need: chromium + chromium-driver (the serve page's browser test). Skipped
+# when present; installed with apt-get when this runs as root (CI does), else it says what to run.
+SYSTEM_PACKAGES := chromium chromium-driver
+system-packages:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "setup: chromium and chromedriver present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "setup: installing $(SYSTEM_PACKAGES) with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else \
+		echo "setup: chromium is missing; install it with: sudo apt-get install $(SYSTEM_PACKAGES)" \
+		     "(the browser test skips without it, and fails under CI=true)"; \
+	fi
+
+setup: system-packages
 	@want=$$(sha256sum pyproject.toml | cut -d' ' -f1); \
 	if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$$want" ]; then \
 		echo "setup: $(VENV) is complete, reusing it"; \

@@ -1,36 +1,50 @@
 """A small REST app around one detector, in the style of the Model Asset eXchange (MAX) servers.
 
-    GET  /ping             liveness
+    GET  /                 a page to try the model: pick or drop images, see the detections drawn
+    GET  /health/live      the process answers (also /ping)
+    GET  /health/ready     200 once the model is loaded and a warm-up prediction ran, else 503
+    GET  /metrics          Prometheus metrics (deploy.metrics)
     GET  /model/metadata   what the model is: architecture, classes, preprocessing, limits, source
     GET  /model/labels     the label map: [{"id": 0, "name": "circle"}, ...]
     POST /model/predict    multipart upload, one or more ``image`` files (JPEG, PNG, ...);
                            query: score_threshold, max_detections, box_format
-    GET  /docs, /openapi.json   interactive docs and the OpenAPI schema (FastAPI)
+    GET  /docs, /redoc, /openapi.json   API docs (assets served by the app) and the OpenAPI schema
 
 The model is a checkpoint file or any MLflow model URI (``models:/shapes@champion``, ``runs:/...``,
 a local model directory). Each prediction record is the pyfunc model's (``Detector.detect``).
-Every bad request is a 4xx with ``{"status": "error", "message": ...}``; the server stays up. The
-request body is capped (413 beyond), each image by its encoded size and pixel count.
+Concurrent requests share forward passes (``deploy.batching``) unless batching is off.
+Every answer that is not a success is ``{"status": "error", "message": ...}`` (``deploy.errors``);
+the server stays up. The request body is capped (413 beyond), each image by its encoded size and
+pixel count, and the number of images per request, the same limits as the pyfunc model's.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, File, Query, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+import torch
+from fastapi import Depends, File, Query, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 
+from deploy.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_WAIT_S, DEFAULT_WORKERS, Batcher
 from deploy.detector import Detector
-from deploy.images import ImageLimits, decode_image_bytes
-from detr.errors import DetrError, InvalidInputError
+from deploy.errors import check_query_params, error_response, install_error_handlers
+from deploy.images import DEFAULT_MAX_IMAGES, ImageLimits, decode_image_bytes
+from deploy.metrics import MetricsMiddleware, ServingMetrics
+from deploy.page import add_page
+from detr.errors import InvalidInputError
 from detr.models.detection_params import BOX_FORMATS, MAX_DETECTIONS_LIMIT, SCORE_THRESHOLD_RANGE, DetectionParams
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
-DEFAULT_MAX_IMAGES = 16
 _DEFAULTS = DetectionParams()
+logger = logging.getLogger("deploy.app")
 
 
 def load_detector(source: str | Path, *, device: str = "cpu") -> Detector:
@@ -115,28 +129,77 @@ def create_app(
     detector: Detector,
     *,
     source: str = "",
+    model_info: dict[str, str] | None = None,
     limits: ImageLimits = ImageLimits(),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_images: int = DEFAULT_MAX_IMAGES,
+    batching: bool = True,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_batch_wait_s: float = DEFAULT_MAX_WAIT_S,
+    batch_workers: int = DEFAULT_WORKERS,
 ) -> FastAPI:
-    app = FastAPI(
+    """Args:
+        model_info: ``name`` and ``version`` of the model for ``/metrics`` (``deploy.metrics.model_identity``).
+        batching: share forward passes across concurrent requests (at most ``max_batch_size``
+            images, the first waiting at most ``max_batch_wait_s`` for others, ``batch_workers``
+            batches at once); without it each request runs on its own, its images batched together.
+    """
+    mc = detector.metadata()
+    metrics = ServingMetrics({"name": "", "version": "", **(model_info or {}), "arch": str(mc["arch"]),
+                              "source": source})
+    batcher = Batcher(detector, max_batch_size=max_batch_size, max_wait_s=max_batch_wait_s,
+                      on_batch=metrics.batch_size.observe, workers=batch_workers) if batching else None
+    ready = threading.Event()
+
+    def warm_up() -> None:
+        """One prediction before /health/ready says yes: the first forward pass allocates and
+        (with the native kernels) loads what later ones reuse."""
+        try:
+            detector.detect([torch.zeros((3, 64, 64), dtype=torch.uint8)])
+        except Exception:  # noqa: BLE001 - the server stays not ready, and the log says why
+            logger.exception("warm-up prediction failed: /health/ready stays 503")
+            return
+        ready.set()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if batcher is not None:
+            batcher.start()
+        threading.Thread(target=warm_up, name="detr-warm-up", daemon=True).start()
+        yield
+        if batcher is not None:
+            batcher.stop()
+
+    app = FastAPIOffline(
         title="mlflow-detr object detector",
-        description="Detects objects of the model's classes in uploaded images (DETR / Deformable DETR).",
+        description="Detects objects of the model's classes in uploaded images (DETR / Deformable DETR). "
+                    "Errors are {\"status\": \"error\", \"message\": ...} with a 4xx status.",
         version="1",
+        lifespan=lifespan,
+        dependencies=[Depends(check_query_params)],
     )
+    install_error_handlers(app)
+    add_page(app)
 
-    @app.exception_handler(DetrError)
-    async def _detr_error(request: Request, exc: DetrError) -> JSONResponse:
-        return JSONResponse({"status": "error", "message": str(exc)}, status_code=400)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"status": "error", "message": problems}, status_code=422)
-
-    @app.get("/ping", summary="liveness")
+    @app.get("/ping", summary="liveness (the same as /health/live)")
     def ping() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/health/live", summary="liveness: the process answers")
+    def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/health/ready", summary="readiness: 200 once the model is loaded and warmed up, else 503",
+             responses={503: {"description": "still warming up"}})
+    def health_ready() -> JSONResponse:
+        if ready.is_set():
+            return JSONResponse({"status": "ok"})
+        return error_response(503, "not ready: the model is warming up")
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    def prometheus() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/model/metadata", summary="the model: architecture, classes, preprocessing, limits")
     def metadata() -> dict[str, Any]:
@@ -145,6 +208,8 @@ def create_app(
             "source": source,
             "limits": {"max_body_bytes": max_body_bytes, "max_images": max_images,
                        "max_image_bytes": limits.max_bytes, "max_image_pixels": limits.max_pixels},
+            "batching": {"enabled": batching, "max_batch_size": max_batch_size,
+                         "max_wait_ms": max_batch_wait_s * 1000, "workers": batch_workers},
         }
 
     @app.get("/model/labels", summary="the label map")
@@ -152,8 +217,10 @@ def create_app(
         names = detector.label_map.names
         return {"count": len(names), "labels": [{"id": i, "name": name} for i, name in enumerate(names)]}
 
-    @app.post("/model/predict", summary="detect objects in one or more uploaded images")
-    def predict(
+    @app.post("/model/predict", summary="detect objects in one or more uploaded images",
+              responses={400: {"description": "an image that does not decode, too many images, ..."},
+                         413: {"description": "body over the limit"}, 422: {"description": "bad parameter"}})
+    async def predict(
         image: Annotated[list[UploadFile], File(description="image files (JPEG, PNG, ...); repeat for several")],
         # The bounds come from DetectionParams' rule: declared here, they appear in the OpenAPI schema.
         score_threshold: Annotated[float, Query(ge=SCORE_THRESHOLD_RANGE[0], le=SCORE_THRESHOLD_RANGE[1])] = (
@@ -165,9 +232,23 @@ def create_app(
             raise InvalidInputError(f"{len(image)} images in one request; at most {max_images}")
         params = DetectionParams(score_threshold=score_threshold, max_detections=max_detections,
                                  box_format=box_format)
-        pixels = [decode_image_bytes(upload.file.read(), where=f"image {i} ({upload.filename!r})", limits=limits)
-                  for i, upload in enumerate(image)]
-        return {"status": "ok", "predictions": detector.detect(pixels, params)}
+        metrics.images_per_request.observe(len(image))
+        if batcher is not None:
+            with batcher.expecting():
+                pixels = await run_in_threadpool(_decode_all, image, limits)
+            predictions = await batcher.submit(pixels, params)
+        else:
+            pixels = await run_in_threadpool(_decode_all, image, limits)
+            metrics.batch_size.observe(len(pixels))
+            predictions = await run_in_threadpool(detector.detect, pixels, params)
+        return {"status": "ok", "predictions": predictions}
 
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.state.ready = ready
     return app
+
+
+def _decode_all(uploads: list[UploadFile], limits: ImageLimits) -> list[torch.Tensor]:
+    return [decode_image_bytes(upload.file.read(), where=f"image {i} ({upload.filename!r})", limits=limits)
+            for i, upload in enumerate(uploads)]

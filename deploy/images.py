@@ -5,6 +5,19 @@ file upload to the REST app). Only the bytes sent are decoded: a string that loo
 file path is refused, never fetched or opened. PIL decodes (JPEG, PNG and the other formats it
 knows); the encoded size and the pixel count are capped before and while decoding, so one request
 cannot exhaust the server's memory.
+
+Every mode PIL decodes becomes 8-bit RGB, as a viewer would show it:
+
+- EXIF orientation is applied first (a phone photo taken upright is detected upright), so boxes and
+  ``image_size`` are in the pixels of the image as displayed, not as stored;
+- grayscale (``L``, ``1``) is repeated in the three channels; CMYK and YCbCr go through PIL's
+  conversion; palette images use their palette;
+- transparency (``RGBA``, ``LA``, a palette or ``RGB`` with a transparent colour) is composited
+  over white, the background a browser shows it on (dropping alpha would expose whatever colour the
+  transparent pixels happen to store, often black);
+- 16-bit samples (``I;16`` grayscale PNG/TIFF, and ``I`` holding 0..65535) are scaled by 255/65535;
+  float images (``F``) in [0, 1] are scaled by 255, others clipped to [0, 255];
+- an animation or a multi-page file gives its first frame.
 """
 
 from __future__ import annotations
@@ -17,13 +30,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from detr.data.loader import DECODE_ERRORS
 from detr.errors import InvalidInputError
 
 DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024  # encoded size of one image
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # width x height of one decoded image (e.g. 8000 x 5000)
+# Images in one request, for both servers (detr serve --max-images, DETR_SERVE_MAX_IMAGES for the
+# pyfunc model): bounds what one request holds in memory at once.
+DEFAULT_MAX_IMAGES = 16
 
 # A scheme such as http:// (":" never occurs in base64). Paths need no check: they are not base64
 # (or decode to bytes that are no image), and nothing here opens a file.
@@ -79,13 +95,36 @@ def decode_image_bytes(data: bytes, *, where: str, limits: ImageLimits = ImageLi
                 raise InvalidInputError(
                     f"{where}: image is {width}x{height} pixels, more than the limit of {limits.max_pixels}"
                 )
-            pixels = np.asarray(image.convert("RGB"))  # [H, W, 3] uint8
+            pixels = to_rgb_array(image)  # [H, W, 3] uint8
     except UnidentifiedImageError:
         raise InvalidInputError(
             f"{where}: not an image PIL can read (send JPEG, PNG or another common format)") from None
     except DECODE_ERRORS as e:
         raise InvalidInputError(f"{where}: the image is damaged or truncated ({e})") from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] of a PIL image of any mode, oriented by its EXIF tag (see the module docstring)."""
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        wide = np.asarray(image, dtype=np.float64)
+        return _gray_to_rgb(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8))
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+            values = values * 255
+        return _gray_to_rgb(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
 
 
 def encode_png_base64(pixels: np.ndarray | torch.Tensor) -> str:

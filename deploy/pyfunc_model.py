@@ -7,7 +7,10 @@ scoring server answers as ``{"predictions": [...]}``.
 
 A bad request raises ``MlflowException`` with ``INVALID_PARAMETER_VALUE``: the scoring server
 answers 400 with the message and stays up. The message names the row and the problem, never the
-payload (the server's own message would echo the whole DataFrame).
+payload: the scoring server rewrites a model's message to ``Failed to predict data '<the whole
+DataFrame>'. Error: <message>``, so the exception raised here keeps its own message first
+(``RequestError``). Limits: those of ``detr serve`` (``deploy.images``): at most
+``DEFAULT_MAX_IMAGES`` rows, each image's encoded size and pixel count capped.
 """
 
 from __future__ import annotations
@@ -21,14 +24,36 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from deploy.detector import Detector
-from deploy.images import ImageLimits, decode_base64_image
+from deploy.images import DEFAULT_MAX_IMAGES, ImageLimits, decode_base64_image
 from detr.errors import DetrError, InvalidInputError
 from detr.models.detection_params import DetectionParams
 
 IMAGE_COLUMN = "image"
 CHECKPOINT_ARTIFACT = "checkpoint"
 # Rows one request may hold: bounds the memory of a request (each row is an image).
-MAX_IMAGES_PER_REQUEST = int(os.environ.get("DETR_SERVE_MAX_IMAGES", "64"))
+MAX_IMAGES_PER_REQUEST = int(os.environ.get("DETR_SERVE_MAX_IMAGES", str(DEFAULT_MAX_IMAGES)))
+
+
+class RequestError(MlflowException):
+    """A bad request (400) whose message stays what the model said.
+
+    MLflow's scoring server prepends ``Failed to predict data '<the request's DataFrame>'`` to the
+    message of an ``MlflowException`` raised by ``predict``: with base64 images that is megabytes of
+    text before the problem. This exception's message stays the problem alone.
+    """
+
+    def __init__(self, message: str) -> None:
+        self._problem = message
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        self._message = self._problem if self._problem in value and value != self._problem else value
+
 
 
 class DetrPythonModel(mlflow.pyfunc.PythonModel):
@@ -51,7 +76,7 @@ class DetrPythonModel(mlflow.pyfunc.PythonModel):
                       for i, value in enumerate(_image_column(model_input))]
             return self.detector.detect(images, detection_params)
         except DetrError as e:
-            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+            raise RequestError(str(e)) from None
 
 
 def _image_column(model_input: Any) -> list:

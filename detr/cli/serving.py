@@ -25,7 +25,8 @@ def _add_serving_commands(commands) -> None:
     p.set_defaults(func=_cmd_register)
 
     p = _command(commands, "serve",
-                 "serve a model over REST: /model/predict (image upload), /model/metadata, /model/labels, /docs",
+                 "serve a model over REST: a try-it page at /, /model/predict (image upload), /model/metadata, "
+                 "/model/labels, /health/live, /health/ready, /metrics, /docs",
                  ["detr serve models:/shapes@champion --port 8000",
                   "detr serve outputs/checkpoints/best.pt",
                   "curl -F image=@photo.jpg 'http://127.0.0.1:8000/model/predict?score_threshold=0.3'"])
@@ -33,7 +34,15 @@ def _add_serving_commands(commands) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted (MB)")
-    p.add_argument("--max-images", type=int, default=16, help="most images in one request")
+    p.add_argument("--max-images", type=int, help="most images in one request (default 16, as the pyfunc model)")
+    p.add_argument("--max-batch-size", type=int,
+                   help="most images in one forward pass shared by concurrent requests (default 8)")
+    p.add_argument("--max-batch-wait-ms", type=float, default=5.0,
+                   help="how long a request's images wait for others to share their forward pass (default 5)")
+    p.add_argument("--batch-workers", type=int,
+                   help="batches run at once (default 2: the next batch starts while one runs)")
+    p.add_argument("--no-batching", dest="batching", action="store_false",
+                   help="run each request on its own (its images still share forward passes)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.set_defaults(func=_cmd_serve)
 
@@ -75,15 +84,27 @@ def _cmd_serve(args) -> None:
     import uvicorn
 
     from deploy.app import create_app, load_detector
+    from deploy.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_WORKERS
+    from deploy.images import DEFAULT_MAX_IMAGES
+    from deploy.metrics import model_identity
     from detr.tracking import use_tracking_uri
 
+    args.max_images = DEFAULT_MAX_IMAGES if args.max_images is None else args.max_images
+    args.max_batch_size = DEFAULT_MAX_BATCH_SIZE if args.max_batch_size is None else args.max_batch_size
+    args.batch_workers = DEFAULT_WORKERS if args.batch_workers is None else args.batch_workers
     if args.max_body_mb <= 0 or args.max_images < 1:
         raise InvalidInputError("--max-body-mb must be positive and --max-images at least 1")
+    if args.max_batch_size < 1 or args.batch_workers < 1 or args.max_batch_wait_ms < 0:
+        raise InvalidInputError("--max-batch-size and --batch-workers must be at least 1 and --max-batch-wait-ms "
+                                "not negative")
     use_tracking_uri(None)
     detector = load_detector(args.model, device=args.device)
-    app = create_app(detector, source=args.model, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                     max_images=args.max_images)
-    print(f"serving {args.model} on http://{args.host}:{args.port} (docs: /docs)", flush=True)
+    detector.batch_size = max(detector.batch_size, args.max_batch_size)
+    app = create_app(detector, source=args.model, model_info=model_identity(args.model),
+                     max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
+                     batching=args.batching, max_batch_size=args.max_batch_size,
+                     max_batch_wait_s=args.max_batch_wait_ms / 1000, batch_workers=args.batch_workers)
+    print(f"serving {args.model} on http://{args.host}:{args.port} (try it: /, docs: /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
@@ -130,6 +151,8 @@ def _draw(pixels, record: dict, box_format: str, out: Path) -> None:
         boxes = box_convert(boxes, box_format, "xyxy")
     captions = [f"{name} {score:.2f}" for name, score in zip(record["labels"], record["scores"])]
     colours = [class_colour(i) for i in record["label_ids"]]
-    drawn = draw_bounding_boxes(pixels, boxes, labels=captions, colors=colours, width=2)
+    # torchvision warns that "no box was drawn" for an empty list: an image without detections is
+    # saved as it is.
+    drawn = draw_bounding_boxes(pixels, boxes, labels=captions, colors=colours, width=2) if len(boxes) else pixels
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out)

@@ -156,6 +156,42 @@ class RandomSizeCrop(v2.Transform):
         return self._call_kernel(F.crop, inpt, **params)
 
 
+class ShorterSideResize(v2.Transform):
+    """torchvision's ``Resize(size, max_size)`` rule, with every side at least one pixel.
+
+    The shorter side goes to ``size``; when the longer side would then pass ``max_size``, the
+    longer side goes to ``max_size`` instead. torchvision rounds the shorter side down, so a strip
+    (1x1000 with max_size 128: 128 * 1 / 1000 = 0.128) became 0 pixels wide and the model failed
+    on it. Here it stays 1 pixel; every other size comes out exactly as torchvision's.
+    """
+
+    def __init__(self, size: int, max_size: int | None = None) -> None:
+        super().__init__()
+        self.size = size
+        self.max_size = max_size
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.size, int(self.size * long / short)
+        if self.max_size is not None and new_long > self.max_size:
+            new_short, new_long = int(self.max_size * new_short / new_long), self.max_size
+        new_short = max(new_short, 1)
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        return {"size": [new_h, new_w]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.resize, inpt, size=params["size"], antialias=True)
+
+
+class RandomShortestSizeAtLeastOne(v2.RandomShortestSize):
+    """``RandomShortestSize`` with every side at least one pixel (see ``ShorterSideResize``)."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = super().make_params(flat_inputs)["size"]
+        return {"size": (max(height, 1), max(width, 1))}
+
+
 def _randint(low: int, high: int) -> int:
     """Uniform integer in [low, high], both ends included."""
     return int(torch.randint(low, high + 1, ()))
@@ -184,11 +220,11 @@ _DTYPES = {
 
 
 def _build_resize(a: ResizeArgs, where: str) -> v2.Transform:
-    return v2.Resize(a.size, max_size=a.max_size, antialias=True)
+    return ShorterSideResize(a.size, max_size=a.max_size)
 
 
 def _build_random_resize(a: RandomResizeArgs, where: str) -> v2.Transform:
-    return v2.RandomShortestSize(min_size=a.sizes, max_size=a.max_size, antialias=True)
+    return RandomShortestSizeAtLeastOne(min_size=a.sizes, max_size=a.max_size, antialias=True)
 
 
 def _build_flip(a: FlipArgs, where: str) -> v2.Transform:

@@ -68,6 +68,31 @@ def test_resize_caps_longer_side():
     torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor), torch.tensor(BOXES) * 0.6)
 
 
+@pytest.mark.parametrize("size", [(1, 1000), (1000, 1), (2, 500), (500, 2), (1, 1), (3, 2000), (7, 129)])
+def test_resize_keeps_every_side_at_least_one_pixel(size):
+    """torchvision rounds a strip's shorter side down to 0 (128 * 1 / 1000); the model cannot run on that."""
+    height, width = size
+    image, target = sample(height, width, boxes=[[0.0, 0.0, float(width), float(height)]])
+    out_image, out = build_transforms(steps(("resize", {"size": 96, "max_size": 128})))(image, target)
+    out_h, out_w = out_image.shape[-2:]
+    assert min(out_h, out_w) >= 1 and max(out_h, out_w) <= 128
+    assert out["boxes"].canvas_size == (out_h, out_w)
+    torch.manual_seed(0)
+    out_image, _ = build_transforms(steps(("random_resize", {"sizes": [96], "max_size": 128})))(image, target)
+    assert min(out_image.shape[-2:]) >= 1
+
+
+@pytest.mark.parametrize("size", [(100, 200), (480, 640), (640, 480), (37, 91), (96, 96), (1080, 1920), (5, 3)])
+@pytest.mark.parametrize(("short", "cap"), [(96, 128), (800, 1333), (50, None)])
+def test_resize_equals_torchvision_where_no_side_vanishes(size, short, cap):
+    from torchvision.transforms import v2
+
+    image, target = sample(*size)
+    ours, _ = build_transforms(steps(("resize", {"size": short, "max_size": cap})))(image, target)
+    reference = v2.Resize(short, max_size=cap, antialias=True)(image)
+    torch.testing.assert_close(ours.as_subclass(torch.Tensor), reference.as_subclass(torch.Tensor))
+
+
 def test_random_resize_draws_from_sizes_and_keeps_boxes_consistent():
     pipeline = build_transforms(steps(("random_resize", {"sizes": [40, 60, 80], "max_size": 150})))
     seen = set()

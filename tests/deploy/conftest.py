@@ -4,6 +4,7 @@ registered model, and request images."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,28 @@ def registered_model(detr_checkpoint, tracking_uri):
     from deploy.packaging import log_detr_model
 
     return log_detr_model(detr_checkpoint, registered_name="shapes", alias="champion")
+
+
+MAX_BODY_BYTES = 512 * 1024
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    pid: int
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def detr_server(registered_model, tmp_path_factory) -> Iterator[Served]:
+    """`detr serve models:/shapes@champion` (the model from the registry, over the tracking URI), on a
+    local port, once /health/ready answers; at most 4 images and 512 kB per request."""
+    from tests.servers import VENV_BIN, free_port, server_process
+
+    work = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(VENV_BIN / "detr"), "serve", registered_model.serving_uri, "--port", str(port),
+               "--max-body-mb", str(MAX_BODY_BYTES / 1024 / 1024), "--max-images", "4"]
+    with server_process(command, ready_url=f"{url}/health/ready", log=work / "serve.log", cwd=work) as process:
+        yield Served(url, process.pid, work / "serve.log")

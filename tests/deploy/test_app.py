@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.detector import DetectionParams, Detector
-from tests.deploy.conftest import CLASSES
-from tests.servers import VENV_BIN, free_port, server_process
-
-MAX_BODY_BYTES = 512 * 1024
+from tests.deploy.conftest import CLASSES, MAX_BODY_BYTES
+from tests.deploy.odd_images import odd_images
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -25,15 +24,8 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(registered_model, tmp_path_factory) -> str:
-    """`detr serve models:/shapes@champion` (the model from the registry, over the tracking URI)."""
-    work = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [str(VENV_BIN / "detr"), "serve", registered_model.serving_uri, "--port", str(port),
-               "--max-body-mb", str(MAX_BODY_BYTES / 1024 / 1024), "--max-images", "4"]
-    with server_process(command, ready_url=f"{url}/ping", log=work / "serve.log", cwd=work):
-        yield url
+def server(detr_server) -> str:
+    return detr_server.url
 
 
 def upload(*images: bytes, name: str = "scene.png") -> list:
@@ -111,3 +103,77 @@ def test_limits(server, request_images):
                           headers={"Content-Type": "multipart/form-data; boundary=zz"})
     assert response.status_code == 413, response.text
     assert httpx.get(f"{server}/ping").status_code == 200
+
+
+@pytest.mark.parametrize("odd", odd_images(), ids=lambda o: o.name)
+def test_every_kind_of_image_gets_an_answer(server, odd):
+    """Strips of any aspect ratio, grayscale, 16-bit, CMYK, RGBA, palette, EXIF-rotated."""
+    response = httpx.post(f"{server}/model/predict", params={"score_threshold": 0.0},
+                          files=[("image", (f"{odd.name}{odd.suffix}", odd.data, "application/octet-stream"))])
+    assert response.status_code == 200, response.text
+    (record,) = response.json()["predictions"]
+    assert record["image_size"] == list(odd.size)
+    assert len(record["scores"]) > 0
+    width, height = odd.size
+    for x1, y1, x2, y2 in record["boxes"]:
+        assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "message"),
+    [
+        ("GET", "/no/such/path", {}, 404, "no such path: /no/such/path"),
+        ("GET", "/model/predict", {}, 405, "GET is not allowed on /model/predict; use POST"),
+        ("DELETE", "/model/labels", {}, 405, "DELETE is not allowed"),
+        ("POST", "/model/predict", {"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data"}},
+         400, "not valid multipart/form-data"),
+        ("POST", "/model/predict", {"json": {"image": "abc"}}, 422, "image"),
+        ("POST", "/model/predict?score_threshold=0.2&treshold=0.3", {}, 400,
+         "unknown query parameter(s) 'treshold'; accepted: box_format, max_detections, score_threshold"),
+        ("GET", "/model/labels?verbose=1", {}, 400, "unknown query parameter(s) 'verbose'; accepted: none"),
+        ("POST", "/model/predict?max_detections=0", {}, 422, "max_detections"),
+    ],
+)
+def test_every_error_has_one_shape(server, request_images, method, path, kwargs, status, message):
+    if method == "POST" and not kwargs:
+        kwargs = {"files": upload(png_bytes(request_images[0]))}
+    response = httpx.request(method, f"{server}{path}", **kwargs)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"status", "message"} and body["status"] == "error", body
+    assert message in body["message"], body["message"]
+    assert httpx.get(f"{server}/health/live").json() == {"status": "ok"}
+
+
+def test_health_and_metrics(server, request_images):
+    assert httpx.get(f"{server}/health/live").json() == {"status": "ok"}
+    assert httpx.get(f"{server}/health/ready").json() == {"status": "ok"}
+    one = png_bytes(request_images[0])
+    assert httpx.post(f"{server}/model/predict", files=upload(one, one, one)).status_code == 200
+    assert httpx.get(f"{server}/nowhere").status_code == 404
+    text = httpx.get(f"{server}/metrics").text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    ok = samples[("detr_http_requests_total", (("method", "POST"), ("route", "/model/predict"), ("status", "200")))]
+    assert ok >= 1
+    assert samples[("detr_http_requests_total", (("method", "GET"), ("route", "unmatched"), ("status", "404")))] >= 1
+    assert samples[("detr_http_request_duration_seconds_count", (("method", "POST"), ("route", "/model/predict")))] >= 1
+    assert samples[("detr_images_per_request_bucket", (("le", "2.0"),))] < samples[
+        ("detr_images_per_request_bucket", (("le", "4.0"),))]  # the request of three images
+    assert samples[("detr_batch_size_count", ())] >= 1
+    info = [labels for (name, labels) in samples if name == "detr_model_info"]
+    assert dict(info[0]) == {"name": "shapes", "version": "1", "arch": "detr", "source": "models:/shapes@champion"}
+
+
+def test_docs_assets_are_served_by_the_app(server):
+    for page in ("/docs", "/redoc", "/"):
+        html = httpx.get(f"{server}{page}").text
+        assert "cdn." not in html and "googleapis" not in html and "https://" not in html.replace(
+            "http://www.w3.org", ""), page
+    for asset in ("/static-offline-docs/swagger-ui-bundle.js", "/static-offline-docs/redoc.standalone.js",
+                  "/static/page.js", "/static/page.css"):
+        response = httpx.get(f"{server}{asset}")
+        assert response.status_code == 200 and len(response.content) > 1000, asset

@@ -26,7 +26,7 @@ TOLERANCE = 1e-3
 def _serve(checkpoint, device: str, work):
     port = free_port()
     command = [sys.executable, "-m", "detr.cli", "serve", str(checkpoint), "--port", str(port), "--device", device]
-    return f"http://127.0.0.1:{port}", server_process(command, ready_url=f"http://127.0.0.1:{port}/ping",
+    return f"http://127.0.0.1:{port}", server_process(command, ready_url=f"http://127.0.0.1:{port}/health/ready",
                                                      log=work / f"serve-{device}.log", cwd=work)
 
 

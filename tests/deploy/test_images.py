@@ -7,11 +7,13 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from deploy.images import ImageLimits, decode_base64_image, decode_image_bytes, encode_png_base64
 from detr.errors import InvalidInputError
 from tests.deploy.conftest import scene_pixels
+from tests.deploy.odd_images import odd_images
 
 
 def encoded(pixels: np.ndarray, fmt: str, **save_args) -> bytes:
@@ -96,3 +98,25 @@ def test_size_limits():
     assert len(bomb) < 100_000
     with pytest.raises(InvalidInputError, match="8000x6000 pixels, more than the limit of 40000000"):
         decode_image_bytes(bomb, where="u")
+
+
+@pytest.mark.parametrize("odd", odd_images(), ids=lambda o: o.name)
+def test_every_kind_of_image_decodes_as_displayed(odd):
+    decoded = decode_image_bytes(odd.data, where=odd.name)
+    width, height = odd.size
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, height, width)
+    shown = decoded.permute(1, 2, 0).numpy()
+    if odd.expected is not None:
+        np.testing.assert_array_equal(shown, odd.expected)
+
+
+def test_cmyk_and_rotated_jpeg_look_like_their_source():
+    """Lossy files: close to the scene they were saved from (CMYK), turned the right way (EXIF 6)."""
+    scene = scene_pixels(7, 64, 48).astype(np.int32)
+    by_name = {o.name: o for o in odd_images()}
+    cmyk = decode_image_bytes(by_name["cmyk_jpeg"].data, where="c").permute(1, 2, 0).numpy().astype(np.int32)
+    assert np.abs(cmyk - scene).mean() < 8
+    rotated = decode_image_bytes(by_name["exif_rotated_jpeg"].data, where="r").permute(1, 2, 0).numpy()
+    expected = np.rot90(scene, k=-1)
+    assert np.abs(rotated.astype(np.int32) - expected).mean() < 8
+    assert np.abs(rotated.astype(np.int32) - np.rot90(scene, k=1)).mean() > 20  # not turned the wrong way

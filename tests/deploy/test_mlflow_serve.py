@@ -3,6 +3,8 @@ as in-process, params passed through, 400 with the reason for bad requests, and 
 
 from __future__ import annotations
 
+import base64
+
 import httpx
 import mlflow
 import numpy as np
@@ -10,6 +12,7 @@ import pandas as pd
 import pytest
 
 from deploy.images import encode_png_base64
+from tests.deploy.odd_images import odd_images
 from tests.servers import VENV_BIN, free_port, server_process
 
 pytestmark = pytest.mark.slow
@@ -68,3 +71,26 @@ def test_bad_requests_are_400_and_the_server_stays_up(scoring_server, request_im
     assert response.status_code == 400, response.text
     assert message in response.json()["message"]
     assert httpx.get(f"{scoring_server}/ping").status_code == 200
+
+
+def test_every_kind_of_image_gets_an_answer(scoring_server):
+    """Strips of any aspect ratio, grayscale, 16-bit, CMYK, RGBA, palette, EXIF-rotated: one request."""
+    images = odd_images()
+    body = {"dataframe_records": [{"image": base64.b64encode(o.data).decode()} for o in images],
+            "params": {"score_threshold": 0.0}}
+    response = invoke(scoring_server, body)
+    assert response.status_code == 200, response.text[:2000]
+    predictions = response.json()["predictions"]
+    for odd, record in zip(images, predictions, strict=True):
+        assert record["image_size"] == list(odd.size), odd.name
+        assert len(record["scores"]) > 0, odd.name
+
+
+def test_messages_lead_with_the_problem(scoring_server, request_images):
+    body = {"dataframe_records": [{"image": encode_png_base64(request_images[0])},
+                                  {"image": base64.b64encode(b"plain text").decode()}]}
+    response = invoke(scoring_server, body)
+    assert response.status_code == 400
+    message = response.json()["message"]
+    assert message.startswith("row 1, column 'image': not an image"), message[:300]
+    assert "Failed to predict data" not in message and len(message) < 300
