@@ -31,12 +31,11 @@ import time
 from pathlib import Path
 
 import torch
+from train_step import NUM_CLASSES, random_batch  # bench/ is this script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-NUM_CLASSES = 91
-BOXES_PER_IMAGE = 7
 ARCHS = ("detr", "deformable_detr")
 TOLERANCE = 1e-4
 
@@ -69,20 +68,6 @@ def ours_from(peer, workdir: Path):
     checkpoint = convert_checkpoint(workdir / "peer", "hf", out=workdir / "ours.pt")
     model, config, _ = load_model(checkpoint)
     return model, config
-
-
-def batch(size: tuple[int, int], count: int, seed: int = 0):
-    """Images [B, 3, H, W], padding mask [B, H, W] (none padded) and normalized cxcywh targets."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(count, 3, *size, generator=g)
-    masks = torch.zeros(count, *size, dtype=torch.bool)
-    targets = []
-    for _ in range(count):
-        wh = 0.05 + 0.3 * torch.rand(BOXES_PER_IMAGE, 2, generator=g)
-        centre = wh / 2 + (1 - wh) * torch.rand(BOXES_PER_IMAGE, 2, generator=g)
-        targets.append({"labels": torch.randint(0, NUM_CLASSES, (BOXES_PER_IMAGE,), generator=g),
-                        "boxes": torch.cat([centre, wh], 1)})
-    return images, masks, targets
 
 
 def compare_outputs(ours, peer, images, masks) -> float:
@@ -150,7 +135,7 @@ def bench_arch(arch: str, size: tuple[int, int], count: int, repeats: int) -> No
     peer = build_peer(arch)
     with tempfile.TemporaryDirectory(prefix="peer-") as workdir:
         ours, config = ours_from(peer, Path(workdir))
-    images, masks, targets = batch(size, count)
+    images, masks, targets = random_batch(count, *size, torch.device("cpu"))
     difference = compare_outputs(ours, peer, images, masks)
     print(f"{arch}: {sum(p.numel() for p in ours.parameters()) / 1e6:.2f}M parameters; outputs of ours and "
           f"transformers differ by at most {difference:.1e} (eval, batch {count} at {size[0]}x{size[1]})", flush=True)
