@@ -129,7 +129,20 @@ def read_hf(path: Path, config_path: Path | None = None) -> SourceWeights:
                               "can be converted")
     num_classes = int(out.state[head].shape[0]) - (1 if model_type == "detr" else 0)
     _class_names(out, config, config_file, num_classes)
+    if model_type == "detr" and config.get("auxiliary_loss"):
+        out.notes.append(AUXILIARY_LOSS_NOTE)
     return out
+
+
+# transformers' DetrDecoder with auxiliary_loss=True writes the LayerNorm'd hidden state back into the stream,
+# so each later layer (and the final LayerNorm, applied a second time) sees normalized inputs;
+# facebookresearch/detr's TransformerDecoder normalizes only a copy for the auxiliary heads. The converted
+# model follows facebookresearch/detr: its outputs equal transformers' with auxiliary_loss=False.
+AUXILIARY_LOSS_NOTE = (
+    "config.json has auxiliary_loss=true: with it transformers' DetrDecoder feeds each layer's LayerNorm'd "
+    "output to the next layer (facebookresearch/detr normalizes only the auxiliary heads' copy), so transformers' "
+    "outputs for this checkpoint differ from the official DETR's; the converted model computes the official "
+    "DETR, equal to transformers with auxiliary_loss=false on the same weights")
 
 
 def _locate(path: Path, config_path: Path | None) -> tuple[Path, Path]:

@@ -190,6 +190,44 @@ def test_hf_timm_backbone_layout(tmp_path):
     _assert_same_outputs(_outputs(model, *_images()), hf_out["logits"], hf_out["boxes"])
 
 
+def test_hf_auxiliary_loss_converts_to_the_official_decoder(tmp_path):
+    """transformers' DetrDecoder with auxiliary_loss=True feeds the LayerNorm'd state to the next layer,
+    unlike facebookresearch/detr. The same weights with auxiliary_loss=False run the official decoder
+    (norm only on the heads' copy), so that is the reference for the final and every auxiliary output."""
+    transformers = pytest.importorskip("transformers")
+    model = _hf_model("detr").eval()
+    model.config.auxiliary_loss = True
+    directory = tmp_path / "hf_aux"
+    model.save_pretrained(directory)
+    assert json.loads((directory / "config.json").read_text())["auxiliary_loss"] is True
+    images, mask = _images()
+    official = transformers.DetrForObjectDetection.from_pretrained(directory, auxiliary_loss=False).eval()
+    deviating = transformers.DetrForObjectDetection.from_pretrained(directory).eval()
+    assert deviating.config.auxiliary_loss and not official.config.auxiliary_loss
+    with torch.no_grad():
+        ref = official(pixel_values=images, pixel_mask=(~mask).long(), output_hidden_states=True)
+        dev = deviating(pixel_values=images, pixel_mask=(~mask).long())
+        # Official auxiliary heads: the shared LayerNorm on each earlier layer's (unnormalized) output.
+        layer_outputs = ref.decoder_hidden_states[1:-1]  # [B, Q, C] after decoder layers 1..L-1
+        normed = [official.model.decoder.layernorm(h) for h in layer_outputs]
+        aux_ref = [(official.class_labels_classifier(h), official.bbox_predictor(h).sigmoid()) for h in normed]
+    report = convert_with_report(directory, "hf", out=tmp_path / "converted.pt")
+    assert any("auxiliary_loss=true" in note for note in report.notes)
+    ours = _outputs(load_model(report.out_path)[0], images, mask)
+    _assert_same_outputs(ours, ref.logits, ref.pred_boxes)
+    assert len(ours["aux_outputs"]) == len(aux_ref) == 1
+    for aux, (logits, boxes) in zip(ours["aux_outputs"], aux_ref):
+        _assert_same_outputs(aux, logits, boxes)
+    # The departure itself: if transformers ever follows the official decoder, this note can go.
+    assert (dev.logits - ref.logits).abs().max() > 10 * ATOL
+
+
+def test_hf_without_auxiliary_loss_has_no_note(tmp_path):
+    directory, _ = _hf_detr_saved(tmp_path)
+    report = convert_with_report(directory, "hf", out=tmp_path / "converted.pt")
+    assert not any("auxiliary_loss" in note for note in report.notes)
+
+
 def test_hf_errors(tmp_path):
     directory, _ = _hf_detr_saved(tmp_path)
     (directory / "config.json").rename(tmp_path / "elsewhere.json")
