@@ -50,6 +50,16 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
+// The kernels index pixels of one image in int32 (SIMD lanes over points): pixel h * W + w of a corner
+// up to one row past the last level must fit.
+void check_keys_fit_int32(const at::Tensor& spatial_shapes, int64_t keys) {
+  const auto shapes = spatial_shapes.accessor<int64_t, 2>();
+  int64_t widest = 0;
+  for (int64_t l = 0; l < spatial_shapes.size(0); ++l) widest = std::max(widest, shapes[l][1]);
+  TORCH_CHECK(keys + 2 * widest + 2 < (int64_t(1) << 31), "ms_deform_attn (CPU): value has S = ", text(keys),
+              " positions per image; the CPU kernel supports S + 2 * (widest level) below 2^31");
+}
+
 // at::parallel_for with dynamic scheduling: it starts one worker per thread (so torch.set_num_threads
 // and the nested-parallelism rules apply) and each worker takes chunks of `chunk` items from a shared
 // counter until none is left. at::parallel_for alone gives each thread one fixed share, and then the
@@ -141,6 +151,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value_in, const at::Tensor& spat
   const at::Tensor locations = sampling_locations_in.contiguous();
   const at::Tensor weights = attention_weights_in.contiguous();
   check_levels_on_host(spatial_shapes, level_start_index, s.keys);
+  check_keys_fit_int32(spatial_shapes, s.keys);
 
   // Every element is written by the kernel.
   at::Tensor out = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
@@ -175,6 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const at::Tensor weights = attention_weights_in.contiguous();
   const at::Tensor grad_output = grad_output_in.contiguous();
   check_levels_on_host(spatial_shapes, level_start_index, s.keys);
+  check_keys_fit_int32(spatial_shapes, s.keys);
 
   // float16/bfloat16 gradients are summed in a float32 buffer and rounded once at the end.
   const bool reduced = is_reduced_float(value.scalar_type());
