@@ -84,8 +84,8 @@ void forward_rows_baseline(const KernelArgs<scalar_t, coord_t>& a, int64_t begin
   forward_rows<scalar_t, coord_t, kD>(a, begin, end);
 }
 template <typename scalar_t, typename coord_t, int kD>
-void backward_tasks_baseline(const KernelArgs<scalar_t, coord_t>& a, int64_t begin, int64_t end) {
-  backward_tasks<scalar_t, coord_t, kD>(a, begin, end);
+void backward_tasks_baseline(const KernelArgs<scalar_t, coord_t>& a, int64_t group, int64_t begin, int64_t end) {
+  backward_tasks<scalar_t, coord_t, kD>(a, group, begin, end);
 }
 #if DETR_X86_MULTIVERSION
 template <typename scalar_t, typename coord_t, int kD>
@@ -93,8 +93,9 @@ DETR_TARGET_AVX2 void forward_rows_avx2(const KernelArgs<scalar_t, coord_t>& a, 
   forward_rows<scalar_t, coord_t, kD>(a, begin, end);
 }
 template <typename scalar_t, typename coord_t, int kD>
-DETR_TARGET_AVX2 void backward_tasks_avx2(const KernelArgs<scalar_t, coord_t>& a, int64_t begin, int64_t end) {
-  backward_tasks<scalar_t, coord_t, kD>(a, begin, end);
+DETR_TARGET_AVX2 void backward_tasks_avx2(const KernelArgs<scalar_t, coord_t>& a, int64_t group, int64_t begin,
+                                          int64_t end) {
+  backward_tasks<scalar_t, coord_t, kD>(a, group, begin, end);
 }
 #endif
 
@@ -118,7 +119,17 @@ void backward_kernel(const KernelArgs<scalar_t, coord_t>& a) {
 #if DETR_X86_MULTIVERSION
   if (cpu_has_avx2_fma()) tasks = &backward_tasks_avx2<scalar_t, coord_t, kD>;
 #endif
-  parallel_dynamic(s.batch * s.heads * s.levels, 1, [&](int64_t begin, int64_t end) { tasks(a, begin, end); });
+  // Heads per task: all M while there are at least two tasks per thread, else the largest divisor of M
+  // that gives that many (the results do not depend on it, see backward_tasks).
+  const int64_t threads = at::get_num_threads();
+  int64_t group = s.heads;
+  while (group > 1 && s.batch * s.levels * (s.heads / group) < 2 * threads) {
+    int64_t smaller = group - 1;
+    while (s.heads % smaller != 0) --smaller;
+    group = smaller;
+  }
+  parallel_dynamic(s.batch * s.levels * (s.heads / group), 1,
+                   [&](int64_t begin, int64_t end) { tasks(a, group, begin, end); });
 }
 
 // Runs `body<kD>()` with kD = the channel count for the usual head widths, else kD = 0 (runtime width).

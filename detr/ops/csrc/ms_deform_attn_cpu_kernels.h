@@ -235,35 +235,44 @@ struct PlannedPoint {
   bool inside;  // some corner lies inside the map
 };
 
-// Backward tasks [begin, end) of the (n, m, l) task space. Task (n, m, l) owns
-// grad_value[n, start_l : start_l + H_l * W_l, m, :] and the gradients of every point of head m on
-// level l of image n, so tasks write disjoint memory.
+// Backward tasks [begin, end) of the (n, l, head group) task space, `group` heads per task. Task
+// (n, l, g) owns grad_value[n, start_l : start_l + H_l * W_l, heads of g, :] and the gradients of every
+// point of those heads on level l of image n, so tasks write disjoint memory. Within a task the
+// (query, head) pairs run query by query, heads fastest: a task with all M heads reads whole
+// M * D pixel records (one head alone would read pieces M * D * 4 bytes apart, which alias onto a few
+// cache sets). Every grad_value element is summed in (query, point) order whatever the grouping, so the
+// result does not depend on `group` (which the caller picks from the thread count).
 template <typename scalar_t, typename coord_t, int kD>
-DETR_ALWAYS_INLINE void backward_tasks(const KernelArgs<scalar_t, coord_t>& a, int64_t begin, int64_t end) {
+DETR_ALWAYS_INLINE void backward_tasks(const KernelArgs<scalar_t, coord_t>& a, int64_t group, int64_t begin,
+                                       int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const MsdaSizes& s = a.s;
   const int64_t D = kD > 0 ? kD : s.channels;
   const int64_t pixel_stride = s.heads * D;
   const int64_t points_per_head = s.levels * s.points;
+  const int64_t groups = s.heads / group;
   acc_t grad_fixed[kD > 0 ? kD : 1];  // grad_output[n, q, m, :] in acc_t
   std::vector<acc_t> grad_dynamic(kD > 0 ? 0 : D);
   acc_t* g = kD > 0 ? grad_fixed : grad_dynamic.data();
-  constexpr int64_t kAhead = 4;  // queries planned ahead
+  constexpr int64_t kAhead = 4;  // (query, head) pairs planned ahead
   std::vector<PlannedPoint<acc_t>> ring((kAhead + 1) * s.points);
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t l = task % s.levels;
-    const int64_t m = (task / s.levels) % s.heads;
-    const int64_t n = task / (s.levels * s.heads);
+    const int64_t head0 = (task % groups) * group;
+    const int64_t l = (task / groups) % s.levels;
+    const int64_t n = task / (groups * s.levels);
     const int64_t height = a.shapes[2 * l];
     const int64_t width = a.shapes[2 * l + 1];
-    const int64_t level_offset = ((n * s.keys + a.starts[l]) * s.heads + m) * D;
-    const scalar_t* level_value = a.value + level_offset;
-    acc_t* level_grad = a.grad_value + level_offset;
+    const int64_t level_offset = (n * s.keys + a.starts[l]) * s.heads * D;  // [n, start_l, 0, 0]
+    const int64_t pairs = s.queries * group;  // pair j: query j / group, head head0 + j % group
 
-    // Corners of query q + kAhead are resolved (and their rows prefetched) while query q is processed:
+    // Corners of pair j + kAhead are resolved (and their rows prefetched) while pair j is processed:
     // the points of one task are scattered over the level when queries are not pixels of it
     // (decoder), and the prefetches keep several of their cache misses in flight.
-    auto plan = [&](int64_t q, PlannedPoint<acc_t>* slot) {
+    auto plan = [&](int64_t j, PlannedPoint<acc_t>* slot) {
+      const int64_t q = j / group;
+      const int64_t m = head0 + j % group;
+      const scalar_t* level_value = a.value + level_offset + m * D;
+      const acc_t* level_grad = a.grad_value + level_offset + m * D;
       const int64_t point0 = ((n * s.queries + q) * s.heads + m) * points_per_head + l * s.points;
       for (int64_t p = 0; p < s.points; ++p) {
         PlannedPoint<acc_t>& planned = slot[p];
@@ -279,12 +288,16 @@ DETR_ALWAYS_INLINE void backward_tasks(const KernelArgs<scalar_t, coord_t>& a, i
         }
       }
     };
-    const int64_t ring_size = kAhead + 1;  // the slot of q is not reused before q is done
-    for (int64_t q = 0; q < std::min<int64_t>(kAhead, s.queries); ++q) plan(q, &ring[(q % ring_size) * s.points]);
+    const int64_t ring_size = kAhead + 1;  // the slot of j is not reused before j is done
+    for (int64_t j = 0; j < std::min<int64_t>(kAhead, pairs); ++j) plan(j, &ring[(j % ring_size) * s.points]);
 
-    for (int64_t q = 0; q < s.queries; ++q) {
-      if (q + kAhead < s.queries) plan(q + kAhead, &ring[((q + kAhead) % ring_size) * s.points]);
-      const PlannedPoint<acc_t>* planned_points = &ring[(q % ring_size) * s.points];
+    for (int64_t j = 0; j < pairs; ++j) {
+      if (j + kAhead < pairs) plan(j + kAhead, &ring[((j + kAhead) % ring_size) * s.points]);
+      const PlannedPoint<acc_t>* planned_points = &ring[(j % ring_size) * s.points];
+      const int64_t q = j / group;
+      const int64_t m = head0 + j % group;
+      const scalar_t* level_value = a.value + level_offset + m * D;
+      acc_t* level_grad = a.grad_value + level_offset + m * D;
       const int64_t nqm = (n * s.queries + q) * s.heads + m;
       const scalar_t* go = a.grad_output + nqm * D;
 #pragma omp simd
