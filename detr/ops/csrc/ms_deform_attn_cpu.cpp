@@ -9,14 +9,15 @@
 //   attention_weights   [N, Lq, M, L, P]
 //   output              [N, Lq, M * D]
 //
-// Forward: parallel over (n, m, q) rows; per point the bilinear corners are computed once and the
-// corner rows are accumulated over D channels in a vectorizable loop. No [N, Lq, M, L, P, D]
-// temporary ever exists.
+// Forward: parallel over (n, q, m) rows, heads fastest; per row the L*P points are planned in SIMD
+// lanes (corner pixels and weights) and the corner rows are accumulated over D channels in a
+// vectorizable loop. No [N, Lq, M, L, P, D] temporary ever exists.
 //
 // Backward: grad_value receives scattered contributions from every query, so the work is partitioned
-// by what it writes: task (n, m, l) owns grad_value[n, start_l : start_l + H_l * W_l, m, :] and the
-// location/weight gradients of every point of head m on level l of image n. Tasks write disjoint
-// memory, need no atomics or per-thread copies, and sum in a fixed order (deterministic results).
+// by what it writes: task (n, l, head group) owns grad_value[n, start_l : start_l + H_l * W_l, heads of
+// the group, :] and the location/weight gradients of every point of those heads on level l of image n.
+// Tasks write disjoint memory, need no atomics or per-thread copies, and sum in a fixed order
+// (deterministic results, for any thread count and grouping).
 //
 // float16/bfloat16 accumulate in float32 (at::opmath_type); float64 in float64.
 #include <ATen/ATen.h>

@@ -88,9 +88,8 @@ template <typename acc_t>
 struct PointPlans {
   std::vector<int32_t> pixel, corners;
   std::vector<acc_t> weight[4];
-  std::vector<acc_t> lh, lw;  // fractional position (backward only)
 
-  explicit PointPlans(int64_t count) : pixel(count), corners(count), lh(count), lw(count) {
+  explicit PointPlans(int64_t count) : pixel(count), corners(count) {
     for (auto& w : weight) w.resize(count);
   }
 };
@@ -113,8 +112,6 @@ DETR_ALWAYS_INLINE void plan_points(const coord_t* __restrict loc, const coord_t
   acc_t* __restrict weight1 = plans.weight[1].data();
   acc_t* __restrict weight2 = plans.weight[2].data();
   acc_t* __restrict weight3 = plans.weight[3].data();
-  acc_t* __restrict lh_out = plans.lh.data();
-  acc_t* __restrict lw_out = plans.lw.data();
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     acc_t h = pixel_coordinate(static_cast<acc_t>(loc[2 * i + 1]), height[i]);
@@ -147,8 +144,6 @@ DETR_ALWAYS_INLINE void plan_points(const coord_t* __restrict loc, const coord_t
     weight3[i] = in3 ? scale * bilinear.w11 : acc_t(0);
     corners[i] = (in0 ? 1 : 0) | (in1 ? 2 : 0) | (in2 ? 4 : 0) | (in3 ? 8 : 0);
     pixel[i] = start[i] + h0 * width_i[i] + w0;
-    lh_out[i] = lh;
-    lw_out[i] = lw;
   }
 }
 
