@@ -17,6 +17,13 @@ minus the inputs. "fwd+bwd" is one forward plus ``torch.autograd.grad`` for valu
 sampling_locations and attention_weights. ``--dtypes bf16`` runs value (and the gradients) in
 bfloat16 with float32 locations and weights, as the model does under autocast.
 
+On the CPU the table also gives the native time over the arithmetic floor: the multiply-adds a call
+cannot avoid (per sample point and channel 4 bilinear corner FMAs and 1 attention-weight FMA in the
+forward; the backward adds 4 FMAs for the corner dot products with the output gradient and 4 for the
+value gradient) at the float32 FMA rate of AVX2 measured in the same run at the same thread count (a
+1536x1536 matmul in a subprocess with MKL_ENABLE_INSTRUCTIONS=AVX2: the kernel uses AVX2, not
+AVX-512).
+
 On CUDA the table also gives the achieved bandwidth of the native kernel: the bytes a call must move
 at the least (each input read once, each output and gradient written once) over its time, against the
 device-to-device copy bandwidth measured in the same run (the practical peak of the memory system).
@@ -49,6 +56,8 @@ CASES = {
 }
 HEADS, CHANNELS, POINTS = 8, 32, 4
 MODES = ("fwd", "fwd+bwd")
+FORWARD_FMAS = 5  # per sample point and channel: 4 bilinear corners + the attention weight
+BACKWARD_FMAS = 8  # 4 corner dot products with the output gradient + 4 value-gradient updates
 BACKENDS = ("native", "reference")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -110,6 +119,10 @@ def _worker(case: str, backend: str, mode: str, device: str, threads: int, repea
     if training:
         min_bytes += input_bytes + output_bytes + input_bytes
 
+    # Multiply-adds (2 FLOPs each) per sample point and channel, see the module docstring.
+    sample_points = args[4].numel()
+    flops = 2 * sample_points * CHANNELS * (FORWARD_FMAS + (BACKWARD_FMAS if training else 0))
+
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -139,7 +152,7 @@ def _worker(case: str, backend: str, mode: str, device: str, threads: int, repea
             times.append(now() - started)
         peak = _rss_bytes("VmHWM") - base
     return {"best_s": min(times), "median_s": statistics.median(times), "peak_bytes": max(peak, 0),
-            "result_bytes": result_bytes, "min_bytes": min_bytes}
+            "result_bytes": result_bytes, "min_bytes": min_bytes, "flops": flops}
 
 
 def _run_worker(case: str, backend: str, mode: str, device: str, threads: int, repeats: int, clock: str,
@@ -168,6 +181,24 @@ def _measure(case: str, backend: str, mode: str, device: str, threads: int, repe
         memory = _run_worker(case, backend, mode, device, threads, 1, clock, dtype, memory_env)
         timed["peak_bytes"] = memory["peak_bytes"]
     return timed
+
+
+def avx2_flops_per_second(threads: int, size: int = 1536, repeats: int = 10) -> float:
+    """float32 FLOP/s of a matmul restricted to AVX2 (MKL_ENABLE_INSTRUCTIONS=AVX2) at ``threads``: the
+    practical FMA peak of the instruction set the native CPU kernel uses, measured in a subprocess."""
+    code = (
+        "import sys, time, torch\n"
+        f"torch.set_num_threads({threads})\n"
+        f"a = torch.randn({size}, {size}); b = torch.randn({size}, {size})\n"
+        "for _ in range(3): a @ b\n"
+        "best = float('inf')\n"
+        f"for _ in range({repeats}):\n"
+        "    started = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - started)\n"
+        f"print(2 * {size} ** 3 / best)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env=dict(os.environ, MKL_ENABLE_INSTRUCTIONS="AVX2"))
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def _format_row(label: str, cells: list[str]) -> str:
@@ -207,7 +238,9 @@ def run(cases: list[str], devices: list[str], threads: int, repeats: int, clock:
             print(f"device: {torch.cuda.get_device_name(0)} (times from CUDA events); device-to-device copy "
                   f"{peak_bandwidth / 1e9:.0f} GB/s")
         else:
-            print(f"device: cpu ({os.cpu_count()} logical cores visible)")
+            peak_flops = avx2_flops_per_second(threads)
+            print(f"device: cpu ({os.cpu_count()} logical cores visible); AVX2 float32 matmul at {threads} "
+                  f"thread(s): {peak_flops / 1e9:.0f} GFLOP/s")
         for dtype in dtypes:
             print(f"value dtype {dtype}" + ("" if dtype == "fp32" else " (locations and weights float32)"))
             print(_format_row("case / backend", ["fwd ms", "fwd+bwd ms", "fwd peak MB", "f+b peak MB",
@@ -228,6 +261,11 @@ def run(cases: list[str], devices: list[str], threads: int, repeats: int, clock:
                               / max(_extra_bytes(results["reference", "fwd+bwd"]), 1))
                 print(_format_row("  native speed-up / memory fraction",
                                   [f"{s:.1f}x" for s in speed] + [f"{f:.2f}" for f in memory]))
+                if device == "cpu":
+                    floors = [results["native", m]["flops"] / peak_flops for m in MODES]
+                    print(_format_row("  arithmetic floor ms (FMAs / AVX2 peak)", [f"{f * 1e3:.2f}" for f in floors]))
+                    print(_format_row("  native / floor", [f"{results['native', m]['best_s'] / f:.2f}"
+                                                           for m, f in zip(MODES, floors)]))
                 if peak_bandwidth is not None:
                     achieved = [results["native", m]["min_bytes"] / results["native", m]["best_s"] for m in MODES]
                     print(_format_row("  native GB/s (least bytes / time)", [f"{a / 1e9:.0f}" for a in achieved]))

@@ -9,14 +9,15 @@
 //   attention_weights   [N, Lq, M, L, P]
 //   output              [N, Lq, M * D]
 //
-// Forward: parallel over (n, m, q) rows; per point the bilinear corners are computed once and the
-// corner rows are accumulated over D channels in a vectorizable loop. No [N, Lq, M, L, P, D]
-// temporary ever exists.
+// Forward: parallel over (n, q, m) rows, heads fastest; per row the L*P points are planned in SIMD
+// lanes (corner pixels and weights) and the corner rows are accumulated over D channels in a
+// vectorizable loop. No [N, Lq, M, L, P, D] temporary ever exists.
 //
 // Backward: grad_value receives scattered contributions from every query, so the work is partitioned
-// by what it writes: task (n, m, l) owns grad_value[n, start_l : start_l + H_l * W_l, m, :] and the
-// location/weight gradients of every point of head m on level l of image n. Tasks write disjoint
-// memory, need no atomics or per-thread copies, and sum in a fixed order (deterministic results).
+// by what it writes: task (n, l, head group) owns grad_value[n, start_l : start_l + H_l * W_l, heads of
+// the group, :] and the location/weight gradients of every point of those heads on level l of image n.
+// Tasks write disjoint memory, need no atomics or per-thread copies, and sum in a fixed order
+// (deterministic results, for any thread count and grouping).
 //
 // float16/bfloat16 accumulate in float32 (at::opmath_type); float64 in float64.
 #include <ATen/ATen.h>
@@ -50,6 +51,16 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
+// The kernels index pixels of one image in int32 (SIMD lanes over points): pixel h * W + w of a corner
+// up to one row past the last level must fit.
+void check_keys_fit_int32(const at::Tensor& spatial_shapes, int64_t keys) {
+  const auto shapes = spatial_shapes.accessor<int64_t, 2>();
+  int64_t widest = 0;
+  for (int64_t l = 0; l < spatial_shapes.size(0); ++l) widest = std::max(widest, shapes[l][1]);
+  TORCH_CHECK(keys + 2 * widest + 2 < (int64_t(1) << 31), "ms_deform_attn (CPU): value has S = ", text(keys),
+              " positions per image; the CPU kernel supports S + 2 * (widest level) below 2^31");
+}
+
 // at::parallel_for with dynamic scheduling: it starts one worker per thread (so torch.set_num_threads
 // and the nested-parallelism rules apply) and each worker takes chunks of `chunk` items from a shared
 // counter until none is left. at::parallel_for alone gives each thread one fixed share, and then the
@@ -74,8 +85,8 @@ void forward_rows_baseline(const KernelArgs<scalar_t, coord_t>& a, int64_t begin
   forward_rows<scalar_t, coord_t, kD>(a, begin, end);
 }
 template <typename scalar_t, typename coord_t, int kD>
-void backward_tasks_baseline(const KernelArgs<scalar_t, coord_t>& a, int64_t begin, int64_t end) {
-  backward_tasks<scalar_t, coord_t, kD>(a, begin, end);
+void backward_tasks_baseline(const KernelArgs<scalar_t, coord_t>& a, int64_t group, int64_t begin, int64_t end) {
+  backward_tasks<scalar_t, coord_t, kD>(a, group, begin, end);
 }
 #if DETR_X86_MULTIVERSION
 template <typename scalar_t, typename coord_t, int kD>
@@ -83,8 +94,9 @@ DETR_TARGET_AVX2 void forward_rows_avx2(const KernelArgs<scalar_t, coord_t>& a, 
   forward_rows<scalar_t, coord_t, kD>(a, begin, end);
 }
 template <typename scalar_t, typename coord_t, int kD>
-DETR_TARGET_AVX2 void backward_tasks_avx2(const KernelArgs<scalar_t, coord_t>& a, int64_t begin, int64_t end) {
-  backward_tasks<scalar_t, coord_t, kD>(a, begin, end);
+DETR_TARGET_AVX2 void backward_tasks_avx2(const KernelArgs<scalar_t, coord_t>& a, int64_t group, int64_t begin,
+                                          int64_t end) {
+  backward_tasks<scalar_t, coord_t, kD>(a, group, begin, end);
 }
 #endif
 
@@ -108,7 +120,17 @@ void backward_kernel(const KernelArgs<scalar_t, coord_t>& a) {
 #if DETR_X86_MULTIVERSION
   if (cpu_has_avx2_fma()) tasks = &backward_tasks_avx2<scalar_t, coord_t, kD>;
 #endif
-  parallel_dynamic(s.batch * s.heads * s.levels, 1, [&](int64_t begin, int64_t end) { tasks(a, begin, end); });
+  // Heads per task: all M while there are at least two tasks per thread, else the largest divisor of M
+  // that gives that many (the results do not depend on it, see backward_tasks).
+  const int64_t threads = at::get_num_threads();
+  int64_t group = s.heads;
+  while (group > 1 && s.batch * s.levels * (s.heads / group) < 2 * threads) {
+    int64_t smaller = group - 1;
+    while (s.heads % smaller != 0) --smaller;
+    group = smaller;
+  }
+  parallel_dynamic(s.batch * s.levels * (s.heads / group), 1,
+                   [&](int64_t begin, int64_t end) { tasks(a, group, begin, end); });
 }
 
 // Runs `body<kD>()` with kD = the channel count for the usual head widths, else kD = 0 (runtime width).
@@ -141,6 +163,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value_in, const at::Tensor& spat
   const at::Tensor locations = sampling_locations_in.contiguous();
   const at::Tensor weights = attention_weights_in.contiguous();
   check_levels_on_host(spatial_shapes, level_start_index, s.keys);
+  check_keys_fit_int32(spatial_shapes, s.keys);
 
   // Every element is written by the kernel.
   at::Tensor out = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
@@ -175,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const at::Tensor weights = attention_weights_in.contiguous();
   const at::Tensor grad_output = grad_output_in.contiguous();
   check_levels_on_host(spatial_shapes, level_start_index, s.keys);
+  check_keys_fit_int32(spatial_shapes, s.keys);
 
   // float16/bfloat16 gradients are summed in a float32 buffer and rounded once at the end.
   const bool reduced = is_reduced_float(value.scalar_type());

@@ -35,20 +35,45 @@ struct BilinearCorners {
   acc_t lw;          // fractional column position w - w0
 };
 
+// Pixel coordinate of a normalized location on a map of `size` pixels: h = y * H - 0.5, w = x * W - 0.5.
+template <typename acc_t>
+DETR_HOST_DEVICE inline acc_t pixel_coordinate(acc_t normalized, acc_t size) {
+  return normalized * size - acc_t(0.5);
+}
+
+// Whether a point at pixel coordinates (h, w) has a corner inside a height x width map: beyond
+// [-1, size] every corner is outside. Written as a negated test so that NaN is rejected too; it also
+// keeps floor() inside the integer range. At exactly -1 or size the in-map corner has weight 0 but
+// still passes a location gradient, as grid_sample does.
+template <typename acc_t>
+DETR_HOST_DEVICE inline bool near_map(acc_t h, acc_t w, acc_t height, acc_t width) {
+  // & rather than &&: no branches, so that the CPU kernel's loop over points vectorizes.
+  return (h >= acc_t(-1)) & (w >= acc_t(-1)) & (h <= height) & (w <= width);
+}
+
+// Bilinear weights of the corners (h0, w0) (h0, w1) (h1, w0) (h1, w1) from the fractional position
+// lh = h - h0, lw = w - w0, before corners outside the map are zeroed. Returned by value (no array in
+// memory) so that the CPU kernel's loop over points if-converts and vectorizes.
+template <typename acc_t>
+struct CornerWeights {
+  acc_t w00, w01, w10, w11;
+};
+
+template <typename acc_t>
+DETR_HOST_DEVICE inline CornerWeights<acc_t> corner_weights(acc_t lh, acc_t lw) {
+  const acc_t hh = acc_t(1) - lh;
+  const acc_t hw = acc_t(1) - lw;
+  return {hh * hw, hh * lw, lh * hw, lh * lw};
+}
+
 // Fills `c` for the point (x, y) on a height x width level. Returns false when no corner lies inside
 // the map; then the point contributes nothing and all its gradients are zero.
 template <typename acc_t>
 DETR_HOST_DEVICE inline bool bilinear_corners(acc_t x, acc_t y, int64_t height, int64_t width,
                                               BilinearCorners<acc_t>& c) {
-  const acc_t h = y * static_cast<acc_t>(height) - acc_t(0.5);
-  const acc_t w = x * static_cast<acc_t>(width) - acc_t(0.5);
-  // Beyond [-1, size] every corner is outside. Written as a negated test so that NaN is rejected too;
-  // it also keeps floor() inside the int64 range. At exactly -1 or size the in-map corner has weight 0
-  // but still passes a location gradient, as grid_sample does.
-  if (!(h >= acc_t(-1) && w >= acc_t(-1) && h <= static_cast<acc_t>(height) &&
-        w <= static_cast<acc_t>(width))) {
-    return false;
-  }
+  const acc_t h = pixel_coordinate(y, static_cast<acc_t>(height));
+  const acc_t w = pixel_coordinate(x, static_cast<acc_t>(width));
+  if (!near_map(h, w, static_cast<acc_t>(height), static_cast<acc_t>(width))) return false;
   const acc_t h_floor = floor_of(h);
   const acc_t w_floor = floor_of(w);
   const int64_t h0 = static_cast<int64_t>(h_floor);
@@ -57,8 +82,6 @@ DETR_HOST_DEVICE inline bool bilinear_corners(acc_t x, acc_t y, int64_t height, 
   const int64_t w1 = w0 + 1;
   c.lh = h - h_floor;
   c.lw = w - w_floor;
-  const acc_t hh = acc_t(1) - c.lh;
-  const acc_t hw = acc_t(1) - c.lw;
 
   // h ranges over [-1, height], so h0 over [-1, height] and h1 over [0, height + 1]: both ends matter.
   const bool h0_in = h0 >= 0 && h0 < height;
@@ -73,10 +96,11 @@ DETR_HOST_DEVICE inline bool bilinear_corners(acc_t x, acc_t y, int64_t height, 
   c.pixel[1] = h0 * width + w1;
   c.pixel[2] = h1 * width + w0;
   c.pixel[3] = h1 * width + w1;
-  c.weight[0] = c.valid[0] ? hh * hw : acc_t(0);
-  c.weight[1] = c.valid[1] ? hh * c.lw : acc_t(0);
-  c.weight[2] = c.valid[2] ? c.lh * hw : acc_t(0);
-  c.weight[3] = c.valid[3] ? c.lh * c.lw : acc_t(0);
+  const CornerWeights<acc_t> weight = corner_weights(c.lh, c.lw);
+  c.weight[0] = c.valid[0] ? weight.w00 : acc_t(0);
+  c.weight[1] = c.valid[1] ? weight.w01 : acc_t(0);
+  c.weight[2] = c.valid[2] ? weight.w10 : acc_t(0);
+  c.weight[3] = c.valid[3] ? weight.w11 : acc_t(0);
   return c.valid[0] || c.valid[1] || c.valid[2] || c.valid[3];
 }
 
