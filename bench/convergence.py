@@ -31,8 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 from detr.engine.callbacks import Callback  # noqa: E402
 
-# Denoising with DINO's contrastive negatives; DETR needs box queries for it: its two-stage path.
-DN = ["model.training_aids.denoising.enabled=true", "model.training_aids.denoising.contrastive=true"]
+# Denoising as DINO: contrastive negatives, box noise 1.0, a quarter of the labels redrawn (DINO's
+# 0.5 ratio flips half of that share). DETR needs box queries for it: its two-stage path.
+DN = ["model.training_aids.denoising={enabled: true, contrastive: true, box_noise_scale: 1.0, "
+      "label_noise_ratio: 0.25}"]
 DEFAULT_VARIANTS = {
     "detr": ("configs/detr_tiny.yaml", []),
     "detr-aids": ("configs/detr_tiny.yaml", ["model.detr.two_stage=true", *DN]),

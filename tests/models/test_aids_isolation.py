@@ -169,3 +169,22 @@ def test_other_missing_or_unexpected_keys_still_fail():
     del state["class_embed.weight"]
     with pytest.raises(RuntimeError, match="class_embed.weight"):
         aided.load_state_dict(state)
+
+
+def test_onnx_export_of_a_model_trained_with_aids_is_the_plain_model(tmp_path):
+    """Exported from training mode (as a trainer would leave it), the graph is the eval model's:
+    onnxruntime reproduces the plain model's outputs."""
+    ort = pytest.importorskip("onnxruntime")
+    from detr.models.export import export_onnx
+
+    aided = aids_cases.model("detr_two_stage", seed=2).train()
+    plain = aids_cases.model("detr_two_stage", aids=False, seed=2).eval()
+    path = export_onnx(aided, tmp_path / "aided.onnx", (aids_cases.IMAGE, aids_cases.IMAGE))
+    assert aided.training  # the export restores the mode
+    x = aids_cases.images()
+    logits, boxes = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        expected = plain(x)
+    assert logits.shape == tuple(expected["pred_logits"].shape)
+    assert float(abs(torch.from_numpy(logits) - expected["pred_logits"]).max()) <= 1e-4
+    assert float(abs(torch.from_numpy(boxes) - expected["pred_boxes"]).max()) <= 1e-4
