@@ -221,10 +221,9 @@ class SetCriterion(nn.Module):
         groups, copies = dn["groups"], dn["copies"]
         num_boxes = num_boxes * groups
         # The cross-entropy's summed class weights: per target, `groups` positives (weight 1) and,
-        # with negatives, `groups` of them (weight eos_coef). Known from the step's targets.
-        per_box = groups * (1.0 + (copies - 1) * self.eos_coef)
-        count = sum(len(t["labels"]) for t in (targets if step_targets is None else step_targets))
-        class_weight = per_box * count
+        # with negatives, `groups` of them (weight eos_coef). From the box count of the step, averaged
+        # over processes: exact under gradient accumulation and DistributedDataParallel alike.
+        class_weight = (1.0 + (copies - 1) * self.eos_coef) * num_boxes
         losses = {}
         sets = [("_dn", dn)] + [(f"_dn_{i}", aux) for i, aux in enumerate(dn.get("aux_outputs", []))]
         for suffix, predictions in sets:
@@ -238,7 +237,7 @@ class SetCriterion(nn.Module):
         return losses
 
     def _denoising_class_loss(self, outputs: dict, targets: list[dict], indices, valid: torch.Tensor,
-                              num_boxes: torch.Tensor, class_weight: float) -> torch.Tensor:
+                              num_boxes: torch.Tensor, class_weight: torch.Tensor) -> torch.Tensor:
         logits = outputs["pred_logits"].float()  # [B, P, K(+1)]
         batch_idx, src_idx = _prediction_index(indices, logits.device)
         matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
@@ -247,7 +246,7 @@ class SetCriterion(nn.Module):
         if self.class_loss == "ce":
             nll = F.cross_entropy(logits.transpose(1, 2), target_classes, reduction="none")  # [B, P]
             weight = self.empty_weight.float()[target_classes] * valid
-            return (weight * nll).sum() / max(class_weight, 1e-12)
+            return (weight * nll).sum() / class_weight
         onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()
         loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none")
         return (loss.sum(-1) * valid).sum() / num_boxes
