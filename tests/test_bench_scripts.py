@@ -42,3 +42,29 @@ def test_profile_step_splits_a_step_into_its_parts():
     # The parts of the forward (not counting the deformable attention inside them) add up to no more than it.
     forward_parts = [v for k, v in rows.items() if k.startswith("forward: ") and "of which" not in k]
     assert sum(forward_parts) <= rows["forward (total)"] * 1.001
+
+
+@pytest.mark.slow
+def test_convergence_bench_plots_every_variant_and_logs_one_run(tmp_path):
+    from detr.data.synth import generate_synthetic_dataset
+
+    data = tmp_path / "shapes"
+    generate_synthetic_dataset(data, format="coco", num_images=8, seed=0, image_size=(96, 96), val_fraction=0.25,
+                               progress=False)
+    small = "model.hidden_dim=32;model.nheads=4;model.enc_layers=1;model.dec_layers=1;model.dim_feedforward=32"
+    size = "{name: resize, args: {size: 96, max_size: 100}}"
+    shared = [f"data.train={{sources: [{{path: {data}, format: coco, split: train}}]}}",
+              f"data.val={{sources: [{{path: {data}, format: coco, split: val}}]}}",
+              f"data.transforms.train=[{size}, {{name: normalize}}]", f"data.transforms.val=[{size}, {{name: normalize}}]",
+              "train.batch_size=2", "train.device=cpu"]
+    done = _run("convergence.py", "--minutes", "0.01", "--eval-minutes", "0.01", "--out", str(tmp_path / "out"),
+                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "--variant", f"detr-aids=configs/detr_tiny.yaml;model.detr.two_stage=true;"
+                             f"model.training_aids.denoising.enabled=true;model.num_queries=4;{small}",
+                "--variant", f"deformable=configs/deformable_detr_tiny.yaml;model.num_queries=4;{small}",
+                *[arg for o in shared for arg in ("-o", o)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "convergence.png").stat().st_size > 0
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("detr-aids ", "deformable "))]
+    assert [row[0] for row in rows] == ["detr-aids", "deformable"]
+    assert "MLflow run" in done.stdout

@@ -86,6 +86,28 @@ def test_cross_field_check():
         load_config(None, ["model.hidden_dim=100", "model.nheads=8"])
 
 
+def test_training_aids_are_off_by_default_and_checked_against_the_query_path():
+    aids = load_config(None).model.training_aids
+    assert not aids.denoising.enabled and aids.query_groups == 1 and aids.one_to_many.num_queries == 0
+    config = load_config(None, ["model.detr.two_stage=true", "model.training_aids.denoising.enabled=true",
+                                "model.training_aids.denoising.contrastive=true",
+                                "model.training_aids.one_to_many={num_queries: 50, repeats: 3, loss_weight: 0.5}"])
+    assert config.model.training_aids.denoising.contrastive and config.model.training_aids.one_to_many.repeats == 3
+    with pytest.raises(ConfigError, match=r"denoising.enabled=true needs box-conditioned queries.*"
+                                          r"model\.detr\.two_stage=true"):
+        load_config(None, ["model.training_aids.denoising.enabled=true"])
+    with pytest.raises(ConfigError, match=r"model\.deformable\.two_stage=true"):
+        load_config(None, ["model.arch=deformable_detr", "model.training_aids.denoising.enabled=true"])
+    with pytest.raises(ConfigError, match=r"query_groups=4 needs learned queries.*model\.detr\.two_stage=true"):
+        load_config(None, ["model.detr.two_stage=true", "model.training_aids.query_groups=4"])
+    with pytest.raises(ConfigError, match=r"label_noise_ratio' = 1.5.*less than or equal to 1"):
+        load_config(None, ["model.training_aids.denoising.label_noise_ratio=1.5"])
+    with pytest.raises(ConfigError, match=r"query_groups' = 0.*greater than 0"):
+        load_config(None, ["model.training_aids.query_groups=0"])
+    with pytest.raises(ConfigError, match=r"training_aids.one_to_many.repets"):
+        load_config(None, ["model.training_aids.one_to_many.repets=2"])
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [("train.lr", "must look like"), ("=3", "must look like"), ("train.lr=[1,", "not valid YAML"),

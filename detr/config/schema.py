@@ -182,6 +182,45 @@ class LossConfig(Section):
     focal_gamma: Annotated[float, Field(ge=0)] = 2.0
 
 
+class DenoisingConfig(Section):
+    """DN-DETR (Li et al. 2022) denoising queries: noised copies of the ground-truth boxes and labels
+    decoded next to the matching queries (which cannot see them), each trained to reconstruct its
+    box and class. Training only. Defaults: DN-DETR's recipe; DINO (Zhang et al. 2022) uses label
+    noise 0.5, box noise 1.0 and contrastive negatives."""
+
+    enabled: bool = False
+    # Noised copies of every target box per image (DN-DETR: 5 groups). A fixed number, so that the
+    # loss normalizers are known from the targets alone (exact under gradient accumulation).
+    groups: PositiveInt = 5
+    # Probability that a copy's label is replaced by a random class.
+    label_noise_ratio: Probability = 0.2
+    # Each box edge moves by up to box_noise_scale * half the box's width/height (positives).
+    box_noise_scale: Annotated[float, Field(ge=0, le=2)] = 0.4
+    # DINO's contrastive negatives: one more copy per box, moved by 1-2x that, trained as "no object".
+    contrastive: bool = False
+
+
+class OneToManyConfig(Section):
+    """H-DETR (Jia et al. 2023) hybrid matching: an extra set of queries, matched one-to-many against
+    the targets repeated ``repeats`` times, decoded beside (and unseen by) the matching queries.
+    Training only; 0 queries = off. H-Deformable-DETR: 1500 queries, 6 repeats, weight 1."""
+
+    num_queries: NonNegInt = 0
+    repeats: PositiveInt = 6
+    loss_weight: Annotated[float, Field(ge=0)] = 1.0
+
+
+class TrainingAidsConfig(Section):
+    """Additions that speed up training and leave the inference model unchanged (same parameters in
+    use, same outputs): the decoder sees extra queries only in training mode."""
+
+    denoising: DenoisingConfig = DenoisingConfig()
+    # Group DETR (Chen et al. 2023): K groups of the learned queries, one-to-one matching inside each,
+    # self-attention only within a group, group 0 alone at inference (Group DETR: 11). 1 = off.
+    query_groups: PositiveInt = 1
+    one_to_many: OneToManyConfig = OneToManyConfig()
+
+
 class ModelConfig(Section):
     arch: Literal["detr", "deformable_detr"] = "detr"
     backbone: BackboneConfig = BackboneConfig()
@@ -201,6 +240,23 @@ class ModelConfig(Section):
     deformable: DeformableConfig = DeformableConfig()
     matcher: MatcherConfig = MatcherConfig()
     loss: LossConfig = LossConfig()
+    training_aids: TrainingAidsConfig = TrainingAidsConfig()
+
+    @model_validator(mode="after")
+    def _aids_fit_the_query_path(self) -> ModelConfig:
+        two_stage = self.detr.two_stage if self.arch == "detr" else self.deformable.two_stage
+        two_stage_key = "model.detr.two_stage" if self.arch == "detr" else "model.deformable.two_stage"
+        aids = self.training_aids
+        if aids.denoising.enabled and not two_stage:
+            raise ValueError(
+                f"model.training_aids.denoising.enabled=true needs box-conditioned queries: set {two_stage_key}=true "
+                "(denoised boxes enter the decoder as the encoder proposals do), or turn denoising off")
+        if aids.query_groups > 1 and two_stage:
+            raise ValueError(
+                f"model.training_aids.query_groups={aids.query_groups} needs learned queries, but {two_stage_key}=true "
+                "takes the queries from the encoder proposals; use query_groups=1 (off) or denoising / one_to_many "
+                "with two-stage")
+        return self
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:

@@ -208,7 +208,9 @@ class Trainer:
             targets = [{k: _to(v, self.device) for k, v in t.items()} for t in targets]
             sync = index == len(micro) - 1 or not hasattr(self.model, "no_sync")
             with (nullcontext() if sync else self.model.no_sync()), self._autocast():
-                outputs = self.model(images, masks)
+                # Denoising training aids build their queries from the targets.
+                with_targets = getattr(getattr(self.model, "module", self.model), "trains_with_targets", False)
+                outputs = self.model(images, masks, targets) if with_targets else self.model(images, masks)
                 terms = self.criterion(outputs, targets, step_targets=step_targets)
             weights = self.criterion.weight_dict
             loss = sum(terms[k] * weights[k] for k in terms if k in weights)

@@ -11,6 +11,9 @@ Modules (one concept each):
     detr / deformable_detr  the two detectors (forward returns outputs, never a loss)
     matcher              Hungarian matcher (scipy ``linear_sum_assignment``)
     criterion            set criterion (classification, L1, GIoU, auxiliary and encoder losses)
+    training_queries     training aids: the extra decoder queries of training mode (query groups, one-to-many,
+                         denoising), their attention mask and how their outputs split; training-only parameters
+    denoising            DN-DETR / DINO denoising queries: noised copies of the targets
     postprocess          model outputs -> detections in pixels; ``predict``, the one inference path
     detection_params     score threshold, max detections, box format: their defaults and their checks
     inputs               input checks; padding a list of images into one batch plus its padding mask

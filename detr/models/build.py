@@ -22,6 +22,7 @@ from detr.models.detr import DETR
 from detr.models.matcher import HungarianMatcher
 from detr.models.position_encoding import build_position_encoding
 from detr.models.postprocess import PostProcess
+from detr.models.training_queries import DenoisingSettings, TrainingAidSettings
 from detr.models.transformer import Transformer
 
 
@@ -58,6 +59,8 @@ def build_criterion(model_config: ModelConfig, num_classes: int) -> SetCriterion
         mc.loss.giou_loss_coef,
         num_aux_layers=mc.dec_layers - 1 if mc.aux_loss else 0,
         two_stage=_two_stage(mc),
+        one_to_many_weight=mc.training_aids.one_to_many.loss_weight if mc.training_aids.one_to_many.num_queries else None,
+        denoising=mc.training_aids.denoising.enabled,
     )
     return SetCriterion(
         num_classes,
@@ -87,7 +90,8 @@ def _build_detr(mc: ModelConfig, num_classes: int) -> DETR:
         dropout=mc.dropout,
         normalize_before=mc.pre_norm,
     )
-    return DETR(backbone, transformer, num_classes, mc.num_queries, aux_loss=mc.aux_loss, two_stage=mc.detr.two_stage)
+    return DETR(backbone, transformer, num_classes, mc.num_queries, aux_loss=mc.aux_loss, two_stage=mc.detr.two_stage,
+                aids=_training_aids(mc))
 
 
 def _build_deformable_detr(mc: ModelConfig, num_classes: int) -> DeformableDETR:
@@ -115,6 +119,19 @@ def _build_deformable_detr(mc: ModelConfig, num_classes: int) -> DeformableDETR:
         aux_loss=mc.aux_loss,
         with_box_refine=d.with_box_refine,
         two_stage=d.two_stage,
+        aids=_training_aids(mc),
+    )
+
+
+def _training_aids(mc: ModelConfig) -> TrainingAidSettings:
+    a = mc.training_aids
+    dn = a.denoising
+    return TrainingAidSettings(
+        query_groups=a.query_groups,
+        one_to_many_queries=a.one_to_many.num_queries,
+        one_to_many_repeats=a.one_to_many.repeats,
+        denoising=DenoisingSettings(dn.groups, dn.label_noise_ratio, dn.box_noise_scale, dn.contrastive)
+        if dn.enabled else None,
     )
 
 

@@ -15,6 +15,18 @@ object"), as the paper; two-stage DETR's encoder head learns the real classes (i
 the queries).
 The number of boxes is averaged over processes when torch.distributed is initialised.
 
+Training aids (outputs of a model in training mode, ``detr.models.training_queries``):
+    query groups   pred_logits/pred_boxes hold K groups of Q queries ("query_groups": K): the
+                   matcher matches each group alone and the losses are the mean over the groups
+                   (the box count is K times the targets', as Group DETR).
+    one_to_many    losses ``_o2m`` (and ``_o2m_{i}`` per auxiliary layer): Hungarian matching against
+                   the targets repeated k times ("repeats"), normalized by k times the box count, as
+                   H-DETR; weighted by the branch's loss weight.
+    denoising      losses ``_dn`` (``_dn_{i}``): every positive copy is matched to the target it copies,
+                   negatives and non-matched copies are "no object", padding takes no loss; boxes and
+                   classes are normalized by (groups x the box count), so only the targets decide the
+                   normalizers, as under accumulation.
+
 Gradient accumulation: given ``step_targets`` (every target of the optimizer step), each loss is
 this micro-batch's share of the loss of the whole step's batch: the sums are divided by the step's
 box count (and, for the cross-entropy, by the step's total class weight), so the shares of the
@@ -36,13 +48,21 @@ from detr.models.matcher import HungarianMatcher
 
 
 def loss_weights(
-    class_loss_coef: float, bbox_loss_coef: float, giou_loss_coef: float, *, num_aux_layers: int, two_stage: bool
+    class_loss_coef: float, bbox_loss_coef: float, giou_loss_coef: float, *, num_aux_layers: int, two_stage: bool,
+    one_to_many_weight: float | None = None, denoising: bool = False,
 ) -> dict[str, float]:
     """DETR's weight_dict: the weight of every loss term the criterion returns for a model with
-    ``num_aux_layers`` auxiliary decoder outputs (and encoder proposals when ``two_stage``)."""
+    ``num_aux_layers`` auxiliary decoder outputs (and encoder proposals when ``two_stage``), a
+    one-to-many branch weighted ``one_to_many_weight`` (None: no branch) and denoising queries
+    (weighted as the matching queries, as DN-DETR)."""
     base = {"loss_ce": class_loss_coef, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
-    suffixes = [""] + [f"_{i}" for i in range(num_aux_layers)] + (["_enc"] if two_stage else [])
-    return {name + suffix: weight for suffix in suffixes for name, weight in base.items()}
+    layers = [""] + [f"_{i}" for i in range(num_aux_layers)]
+    scaled = {suffix: 1.0 for suffix in layers + (["_enc"] if two_stage else [])}
+    if one_to_many_weight is not None:
+        scaled.update({"_o2m" + layer: one_to_many_weight for layer in layers})
+    if denoising:
+        scaled.update({"_dn" + layer: 1.0 for layer in layers})
+    return {name + suffix: weight * scale for suffix, scale in scaled.items() for name, weight in base.items()}
 
 
 class SetCriterion(nn.Module):
@@ -116,6 +136,10 @@ class SetCriterion(nn.Module):
             enc_indices = self.matcher(enc, enc_targets)
             # (The step's class weights count boxes only: its targets serve either kind.)
             losses.update(self._set_losses(enc, enc_targets, enc_indices, num_boxes, step_targets, suffix="_enc"))
+        if "one_to_many" in outputs:
+            losses.update(self._one_to_many_losses(outputs["one_to_many"], targets, step_targets))
+        if "denoising" in outputs:
+            losses.update(self._denoising_losses(outputs["denoising"], targets, num_boxes, step_targets))
         unweighted = sorted(k for k in losses if k.startswith("loss_") and k not in self.weight_dict)
         if unweighted:
             raise ValueError(f"loss terms {unweighted} have no weight: the criterion was built for another model "
@@ -127,10 +151,13 @@ class SetCriterion(nn.Module):
         self, outputs: dict, targets: list[dict], indices, num_boxes: torch.Tensor,
         step_targets: list[dict] | None, suffix: str,
     ) -> dict:
+        # Query groups: every group is a full set of predictions; the loss is the groups' mean.
+        groups = outputs.get("query_groups", 1)
+        num_boxes = num_boxes * groups
         # The cross-entropy's normalizer for the whole step (None: this batch's own weighted mean),
-        # for this set's number of predictions (Q queries, or S encoder positions).
-        class_weight = None if step_targets is None else self._class_weight_total(
-            step_targets, num_queries=outputs["pred_logits"].shape[1])
+        # for this set's number of predictions (Q queries, or S encoder positions) per group.
+        class_weight = None if step_targets is None else groups * self._class_weight_total(
+            step_targets, num_queries=outputs["pred_logits"].shape[1] // groups)
         return {
             "loss_ce" + suffix: self.loss_labels(outputs, targets, indices, num_boxes, class_weight),
             **{k + suffix: v for k, v in self.loss_boxes(outputs, targets, indices, num_boxes).items()},
@@ -170,6 +197,60 @@ class SetCriterion(nn.Module):
         ) / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
+    def _one_to_many_losses(self, o2m: dict, targets: list[dict], step_targets: list[dict] | None) -> dict:
+        """H-DETR's one-to-many branch: Hungarian matching against every target repeated k times."""
+        k = o2m["repeats"]
+        many = _repeat_targets(targets, k)
+        step_many = None if step_targets is None else _repeat_targets(step_targets, k)
+        num_boxes = average_num_boxes(many if step_many is None else step_many, o2m["pred_logits"].device)
+        losses = {}
+        sets = [("_o2m", o2m)] + [(f"_o2m_{i}", aux) for i, aux in enumerate(o2m.get("aux_outputs", []))]
+        for suffix, predictions in sets:
+            indices = self.matcher(predictions, many)
+            losses.update(self._set_losses(predictions, many, indices, num_boxes, step_many, suffix=suffix))
+        return losses
+
+    def _denoising_losses(self, dn: dict, targets: list[dict], num_boxes: torch.Tensor,
+                          step_targets: list[dict] | None) -> dict:
+        """Every positive copy reconstructs its target; the rest of the valid copies are "no object"."""
+        valid, target_index = dn["valid"], dn["target_index"]  # [B, P] each
+        indices = []
+        for i in range(len(targets)):
+            query = torch.nonzero(target_index[i] >= 0).flatten()
+            indices.append((query.cpu(), target_index[i, query].cpu()))
+        groups, copies = dn["groups"], dn["copies"]
+        num_boxes = num_boxes * groups
+        # The cross-entropy's summed class weights: per target, `groups` positives (weight 1) and,
+        # with negatives, `groups` of them (weight eos_coef). From the box count of the step, averaged
+        # over processes: exact under gradient accumulation and DistributedDataParallel alike.
+        class_weight = (1.0 + (copies - 1) * self.eos_coef) * num_boxes
+        losses = {}
+        sets = [("_dn", dn)] + [(f"_dn_{i}", aux) for i, aux in enumerate(dn.get("aux_outputs", []))]
+        for suffix, predictions in sets:
+            if predictions["pred_logits"].shape[1] == 0:  # no targets in the batch: zero losses, graph kept
+                zero = predictions["pred_logits"].sum() * 0.0
+                losses.update({name + suffix: zero for name in ("loss_ce", "loss_bbox", "loss_giou")})
+                continue
+            losses["loss_ce" + suffix] = self._denoising_class_loss(predictions, targets, indices, valid, num_boxes,
+                                                                    class_weight)
+            losses.update({k + suffix: v for k, v in self.loss_boxes(predictions, targets, indices, num_boxes).items()})
+        return losses
+
+    def _denoising_class_loss(self, outputs: dict, targets: list[dict], indices, valid: torch.Tensor,
+                              num_boxes: torch.Tensor, class_weight: torch.Tensor) -> torch.Tensor:
+        logits = outputs["pred_logits"].float()  # [B, P, K(+1)]
+        batch_idx, src_idx = _prediction_index(indices, logits.device)
+        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[batch_idx, src_idx] = matched_labels
+        if self.class_loss == "ce":
+            nll = F.cross_entropy(logits.transpose(1, 2), target_classes, reduction="none")  # [B, P]
+            weight = self.empty_weight.float()[target_classes] * valid
+            return (weight * nll).sum() / class_weight
+        onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()
+        loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none")
+        return (loss.sum(-1) * valid).sum() / num_boxes
+
     def _class_weight_total(self, targets: list[dict], *, num_queries: int) -> float:
         """The summed cross-entropy class weights of a batch of ``targets``: Hungarian matching
         pairs min(N, Q) of an image's Q predictions with its N targets (weight 1), the rest are "no
@@ -182,7 +263,10 @@ class SetCriterion(nn.Module):
 
     @torch.no_grad()
     def _logged_errors(self, outputs: dict, targets: list[dict], indices) -> dict:
-        logits = outputs["pred_logits"]
+        # Query groups: the errors of group 0, the predictions inference makes.
+        q = outputs["pred_logits"].shape[1] // outputs.get("query_groups", 1)
+        indices = [(src[src < q], tgt[src < q]) for src, tgt in indices]
+        logits = outputs["pred_logits"][:, :q]
         batch_idx, src_idx = _prediction_index(indices, logits.device)
         matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
         if len(matched_labels):
@@ -208,6 +292,11 @@ def average_num_boxes(targets: list[dict], device: torch.device) -> torch.Tensor
         dist.all_reduce(num_boxes)
         num_boxes = num_boxes / dist.get_world_size()
     return num_boxes.clamp(min=1)[0]
+
+
+def _repeat_targets(targets: list[dict], k: int) -> list[dict]:
+    """Every target box (and label) k times: the one-to-many branch's targets."""
+    return [{**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
 
 
 def _class_agnostic(targets: list[dict]) -> list[dict]:

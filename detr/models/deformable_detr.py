@@ -10,6 +10,12 @@ one entry per prediction (decoder layers, plus one for the encoder proposals in 
 refinement every entry is the same module. The official code additionally registers the same heads
 under ``transformer.decoder``; here they are passed to the transformer at call time, so those
 duplicate keys of an official checkpoint are simply dropped by the converter.
+
+Training aids (``aids``, training mode only; ``detr.models.training_queries``): query groups and
+one-to-many queries extend the learned queries (two-stage: the one-to-many queries are the next
+encoder proposals); denoising queries (two-stage only: their reference is a box, which the
+decoder takes only in two-stage) take their content from a label embedding and their position
+from the noised box, embedded as a proposal is. In eval mode the forward is the plain model's.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from detr.models.backbone import Joiner
 from detr.models.deformable_transformer import DeformableTransformer
 from detr.models.heads import MLP, inverse_sigmoid
 from detr.models.inputs import check_model_inputs
+from detr.models.training_queries import TrainingAids, TrainingAidSettings, make_training_aid_keys_optional
 
 
 class DeformableDETR(nn.Module):
@@ -37,6 +44,7 @@ class DeformableDETR(nn.Module):
         aux_loss: return the predictions of every earlier decoder layer (``aux_outputs``).
         with_box_refine: iterative bounding box refinement.
         two_stage: two-stage Deformable DETR (adds ``enc_outputs``).
+        aids: training aids (see the module doc); off by default.
     """
 
     # How class scores are read: K independent sigmoids.
@@ -52,6 +60,7 @@ class DeformableDETR(nn.Module):
         aux_loss: bool = True,
         with_box_refine: bool = False,
         two_stage: bool = False,
+        aids: TrainingAidSettings = TrainingAidSettings(),
     ) -> None:
         super().__init__()
         hidden_dim = transformer.d_model
@@ -93,6 +102,20 @@ class DeformableDETR(nn.Module):
             # Reference points are already boxes: predict pure deltas.
             for head in self.bbox_embed:
                 nn.init.constant_(head.layers[-1].bias[2:], 0.0)
+        # Last, so the inference parameters draw the same random numbers with or without aids.
+        if aids.any:
+            if aids.denoising is not None and not two_stage:
+                raise ValueError("denoising needs two-stage Deformable DETR (box reference points)")
+            self.training_aids = TrainingAids(aids, num_classes=num_classes, hidden_dim=hidden_dim,
+                                              query_dim=2 * hidden_dim, num_queries=self.num_queries,
+                                              learned_queries=not two_stage)
+        make_training_aid_keys_optional(self)
+
+    @property
+    def trains_with_targets(self) -> bool:
+        """The training forward takes the targets (denoising queries are built from them)."""
+        aids = getattr(self, "training_aids", None)
+        return aids is not None and aids.denoising is not None
 
     @staticmethod
     def _input_projections(channels: list[int], hidden_dim: int, num_levels: int) -> list[nn.Module]:
@@ -111,8 +134,11 @@ class DeformableDETR(nn.Module):
             in_channels = hidden_dim
         return projections
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
-        """images [B, 3, H, W] normalized; masks [B, H, W] bool, True = padding (None: no padding).
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None,
+                targets: list[dict] | None = None) -> dict:
+        """images [B, 3, H, W] normalized; masks [B, H, W] bool, True = padding (None: no padding);
+        targets (training with denoising; ignored otherwise): one dict per image, "labels" [N],
+        "boxes" [N, 4] normalized cxcywh.
 
         Returns:
             pred_logits [B, Q, K], pred_boxes [B, Q, 4] normalized cxcywh; aux_outputs (with
@@ -133,14 +159,29 @@ class DeformableDETR(nn.Module):
             pos.append(self.backbone[1](src, mask).to(src.dtype))
 
         num_dec = self.transformer.decoder.num_layers
+        aids: TrainingAids | None = getattr(self, "training_aids", None) if self.training else None
+        layout = denoising = None
+        query_embed = None if self.two_stage else self.query_embed.weight
+        extra: dict = {}
+        if aids is not None:
+            denoising = aids.denoising_queries(targets)
+            layout = aids.layout(denoising)
+            extra["self_attn_mask"] = layout.self_attn_mask(images.shape[0], self.transformer.nhead, images.device)
+            if self.two_stage:
+                extra["num_proposals"] = layout.matching + layout.one_to_many
+                if denoising is not None:
+                    extra["extra_box_queries"] = (denoising.content, denoising.boxes_unact)
+            else:
+                query_embed = aids.learned_queries(query_embed)
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
             srcs,
             level_masks,
             pos,
-            None if self.two_stage else self.query_embed.weight,
+            query_embed,
             bbox_embed=self.bbox_embed if self.with_box_refine else None,
             enc_class_embed=self.class_embed[num_dec] if self.two_stage else None,
             enc_bbox_embed=self.bbox_embed[num_dec] if self.two_stage else None,
+            **extra,
         )
         logits, boxes = [], []
         for lvl in range(hs.shape[0]):
@@ -152,9 +193,13 @@ class DeformableDETR(nn.Module):
                 coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
             logits.append(self.class_embed[lvl](hs[lvl]))  # [B, Q, K]
             boxes.append(coord.sigmoid())
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        if layout is not None:
+            guard = aids.unused_parameter_guard(denoising)
+            out = layout.split(torch.stack(logits) + guard, torch.stack(boxes), self.aux_loss)
+        else:
+            out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+            if self.aux_loss:
+                out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         if self.two_stage:
             out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
         return out

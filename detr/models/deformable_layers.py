@@ -73,10 +73,13 @@ class DeformableTransformerDecoderLayer(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         memory_padding_mask: torch.Tensor,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tgt, query_pos [B, Q, C]; reference_points [B, Q, L, 2 or 4]; memory [B, S, C] -> [B, Q, C]."""
+        """tgt, query_pos [B, Q, C]; reference_points [B, Q, L, 2 or 4]; memory [B, S, C];
+        self_attn_mask [B * n_heads, Q, Q] bool (True = may not attend; training aids only) -> [B, Q, C]."""
         q = k = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        attn = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout2(attn))
         attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                                memory_padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attn))
@@ -150,6 +153,7 @@ class DeformableTransformerDecoder(nn.Module):
         query_pos: torch.Tensor,
         memory_padding_mask: torch.Tensor,
         bbox_embed: Sequence[nn.Module] | None = None,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -158,6 +162,7 @@ class DeformableTransformerDecoder(nn.Module):
                 valid image region.
             memory: [B, S, C]; valid_ratios [B, L, 2].
             bbox_embed: one box head per layer for iterative refinement, or None.
+            self_attn_mask: [B * n_heads, Q, Q] bool between the queries (training aids), or None.
 
         Returns:
             hs [L_dec, B, Q, C], and the reference points after each layer [L_dec, B, Q, 2 or 4]
@@ -172,7 +177,8 @@ class DeformableTransformerDecoder(nn.Module):
             else:
                 scale = valid_ratios[:, None]  # [B, 1, L, 2]
             refs_input = reference_points[:, :, None] * scale  # [B, Q, L, 2 or 4] in padded coordinates
-            tgt = layer(tgt, query_pos, refs_input, memory, spatial_shapes, level_start_index, memory_padding_mask)
+            tgt = layer(tgt, query_pos, refs_input, memory, spatial_shapes, level_start_index, memory_padding_mask,
+                        self_attn_mask)
             if bbox_embed is not None:
                 delta = bbox_embed[lid](tgt)  # [B, Q, 4] in logit space
                 if reference_points.shape[-1] == 4:

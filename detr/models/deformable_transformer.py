@@ -119,6 +119,10 @@ class DeformableTransformer(nn.Module):
         bbox_embed: Sequence[nn.Module] | None = None,
         enc_class_embed: nn.Module | None = None,
         enc_bbox_embed: nn.Module | None = None,
+        *,
+        num_proposals: int | None = None,
+        extra_box_queries: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """
         Args:
@@ -126,6 +130,11 @@ class DeformableTransformer(nn.Module):
             query_embed: [Q, 2C] learned queries (single-stage), None for two-stage.
             bbox_embed: per-decoder-layer box heads for iterative refinement, or None.
             enc_class_embed, enc_bbox_embed: two-stage heads scoring and refining the proposals.
+            num_proposals: two-stage, proposals that become queries (default ``two_stage_num_proposals``;
+                the training aids' one-to-many queries take the next ones).
+            extra_box_queries: two-stage, queries appended after the proposals (denoising): content
+                [B, E, C] and reference boxes [B, E, 4] in logit space, embedded as proposals are.
+            self_attn_mask: [B * nhead, T, T] bool between the decoder's queries, or None.
 
         Returns:
             hs [L_dec, B, Q, C]; init_reference [B, Q, 2 or 4]; inter_references [L_dec, B, Q, 2 or 4];
@@ -156,11 +165,12 @@ class DeformableTransformer(nn.Module):
         if self.two_stage:
             if enc_class_embed is None or enc_bbox_embed is None:
                 raise ValueError("two-stage needs the encoder class and box heads")
-            k = self.two_stage_num_proposals
+            k = self.two_stage_num_proposals if num_proposals is None else num_proposals
             if k > s:
                 raise InvalidInputError(
                     f"two-stage selects {k} proposals but the image gives only {s} encoder positions "
-                    f"(feature maps {shapes}); use larger images or fewer model.num_queries"
+                    f"(feature maps {shapes}); use larger images or fewer model.num_queries "
+                    "(and model.training_aids.one_to_many.num_queries)"
                 )
             output_memory, output_proposals, _ = self.encoder_output_proposals(memory, mask_flatten, shapes)
             enc_outputs_class = enc_class_embed(output_memory)  # [B, S, K]
@@ -175,6 +185,12 @@ class DeformableTransformer(nn.Module):
             reference_points = topk_coords_unact.sigmoid()  # [B, k, 4]
             pos_trans_out = self.pos_trans_norm(self.pos_trans(self.proposal_pos_embed(topk_coords_unact)))
             query_pos, tgt = torch.split(pos_trans_out, c, dim=2)  # [B, k, C] each
+            if extra_box_queries is not None:
+                extra_content, extra_boxes_unact = extra_box_queries
+                extra_pos = self.pos_trans_norm(self.pos_trans(self.proposal_pos_embed(extra_boxes_unact)))[..., :c]
+                tgt = torch.cat([tgt, extra_content], 1)
+                query_pos = torch.cat([query_pos, extra_pos], 1)
+                reference_points = torch.cat([reference_points, extra_boxes_unact.sigmoid()], 1)
         else:
             if query_embed is None:
                 raise ValueError("single-stage Deformable DETR needs learned query embeddings")
@@ -184,5 +200,5 @@ class DeformableTransformer(nn.Module):
             reference_points = self.reference_points(query_pos).sigmoid()  # [B, Q, 2]
         init_reference = reference_points
         hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index,
-                                            valid_ratios, query_pos, mask_flatten, bbox_embed)
+                                            valid_ratios, query_pos, mask_flatten, bbox_embed, self_attn_mask)
         return hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact

@@ -9,6 +9,13 @@ by the ``_enc`` losses), the top Q by class score become the decoder's queries, 
 layer predicts its box as an offset of its query's proposal. This is Deformable DETR's two-stage
 scheme on DETR's single map, as in Efficient DETR (Yao et al. 2021): the dense encoder loss reaches
 every feature position, where learned queries take thousands of steps to find the objects.
+
+Training aids (``aids``, training mode only; ``detr.models.training_queries``): query groups and
+one-to-many queries extend the learned queries (two-stage: the one-to-many queries are the next
+encoder proposals); denoising queries (two-stage only: they need a reference box, and the
+two-stage queries are boxes) take their content from a label embedding and their position and
+reference box from the noised box, embedded as a proposal is. In eval mode the forward is the
+plain model's, with the same parameters in use.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from detr.models.backbone import Joiner
 from detr.models.heads import MLP
 from detr.models.inputs import check_model_inputs
 from detr.models.proposals import box_sine_embedding, grid_proposals
+from detr.models.training_queries import TrainingAids, TrainingAidSettings, make_training_aid_keys_optional
 from detr.models.transformer import Transformer
 
 # Proposal size on DETR's stride-32 map: Deformable DETR's 0.05 * 2^level with level 0 at stride 8.
@@ -37,13 +45,15 @@ class DETR(nn.Module):
         num_queries: Q object queries, the most objects one image can have.
         aux_loss: also return the predictions of every decoder layer (``aux_outputs``).
         two_stage: queries from the top-Q encoder proposals (adds ``enc_outputs``; see the module doc).
+        aids: training aids (see the module doc); off by default.
     """
 
     # How class scores are read: softmax over K + 1 outputs, the last one "no object".
     class_activation = "softmax"
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_classes: int, num_queries: int,
-                 aux_loss: bool = True, two_stage: bool = False) -> None:
+                 aux_loss: bool = True, two_stage: bool = False,
+                 aids: TrainingAidSettings = TrainingAidSettings()) -> None:
         super().__init__()
         hidden_dim = transformer.d_model
         self.num_classes = num_classes
@@ -62,9 +72,26 @@ class DETR(nn.Module):
             self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.input_proj = nn.Conv2d(backbone.num_channels[-1], hidden_dim, kernel_size=1)
         self.backbone = backbone
+        # Last, so the inference parameters draw the same random numbers with or without aids.
+        if aids.any:
+            if aids.denoising is not None and not two_stage:
+                raise ValueError("denoising needs two-stage DETR (box queries)")
+            self.training_aids = TrainingAids(aids, num_classes=num_classes, hidden_dim=hidden_dim,
+                                              query_dim=hidden_dim, num_queries=num_queries,
+                                              learned_queries=not two_stage)
+        make_training_aid_keys_optional(self)
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
-        """images [B, 3, H, W] normalized; masks [B, H, W] bool, True = padding (None: no padding).
+    @property
+    def trains_with_targets(self) -> bool:
+        """The training forward takes the targets (denoising queries are built from them)."""
+        aids = getattr(self, "training_aids", None)
+        return aids is not None and aids.denoising is not None
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None,
+                targets: list[dict] | None = None) -> dict:
+        """images [B, 3, H, W] normalized; masks [B, H, W] bool, True = padding (None: no padding);
+        targets (training with denoising; ignored otherwise): one dict per image, "labels" [N],
+        "boxes" [N, 4] normalized cxcywh.
 
         Returns:
             pred_logits [B, Q, K + 1], pred_boxes [B, Q, 4] normalized cxcywh (relative to the
@@ -75,6 +102,8 @@ class DETR(nn.Module):
         masks = check_model_inputs(images, masks)
         features, level_masks, pos = self.backbone(images, masks)
         src = self.input_proj(features[-1])
+        if self.training and hasattr(self, "training_aids"):
+            return self._forward_with_aids(src, level_masks[-1], pos[-1], targets)
         out: dict = {}
         if self.two_stage:
             memory, pos_seq, mask_seq = self.transformer.encode(src, level_masks[-1], pos[-1])
@@ -89,6 +118,36 @@ class DETR(nn.Module):
         out.update({"pred_logits": logits[-1], "pred_boxes": boxes[-1]})
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        return out
+
+
+    def _forward_with_aids(self, src: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                           targets: list[dict] | None) -> dict:
+        """The training forward with the extra queries of ``training_aids`` (layout and attention
+        mask in ``detr.models.training_queries``); the outputs of group 0 are the plain forward's."""
+        aids: TrainingAids = self.training_aids
+        denoising = aids.denoising_queries(targets)
+        layout = aids.layout(denoising)
+        b = src.shape[0]
+        attn_mask = layout.self_attn_mask(b, self.transformer.nhead, src.device)
+        out: dict = {}
+        if self.two_stage:
+            memory, pos_seq, mask_seq = self.transformer.encode(src, mask, pos)
+            selected = self.proposals(memory, mask_seq, tuple(src.shape[-2:]), layout.matching + layout.one_to_many)
+            content, query_pos, boxes_unact = selected.content, selected.query_pos, selected.boxes_unact
+            if denoising is not None:
+                dn_pos, _ = self.proposals.embed(denoising.boxes_unact)
+                content = torch.cat([content, denoising.content], 1)
+                query_pos = torch.cat([query_pos, dn_pos], 1)
+                boxes_unact = torch.cat([boxes_unact, denoising.boxes_unact], 1)
+            hs = self.transformer.decoder(content, memory, pos_seq, query_pos, mask_seq, attn_mask)
+            boxes = (self.bbox_embed(hs) + boxes_unact).sigmoid()  # [L, B, T, 4]
+            out["enc_outputs"] = {"pred_logits": selected.enc_logits, "pred_boxes": selected.enc_boxes}
+        else:
+            hs, _ = self.transformer(src, mask, aids.learned_queries(self.query_embed.weight), pos, attn_mask)
+            boxes = self.bbox_embed(hs).sigmoid()  # [L, B, T, 4]
+        logits = self.class_embed(hs) + aids.unused_parameter_guard(denoising)  # [L, B, T, K + 1]
+        out.update(layout.split(logits, boxes, self.aux_loss))
         return out
 
 
@@ -139,6 +198,11 @@ class EncoderProposals(nn.Module):
         # An image with fewer valid positions than queries (a small one padded in a batch) hands
         # some queries a padding position: they start from the whole-image box, not from +inf.
         boxes_unact = boxes_unact.masked_fill(boxes_unact.isinf(), 0.0)
-        embedded = self.pos_trans_norm(self.pos_trans(box_sine_embedding(boxes_unact, self.hidden_dim // 2)))
-        query_pos, content = embedded.split(self.hidden_dim, dim=-1)  # [B, Q, C] each
+        query_pos, content = self.embed(boxes_unact)
         return SelectedQueries(content, query_pos, boxes_unact, enc_logits, enc_boxes_unact.sigmoid())
+
+    def embed(self, boxes_unact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes [B, Q, 4] in logit space -> (query_pos, content) [B, Q, C] each."""
+        embedded = self.pos_trans_norm(self.pos_trans(box_sine_embedding(boxes_unact, self.hidden_dim // 2)))
+        query_pos, content = embedded.split(self.hidden_dim, dim=-1)
+        return query_pos, content

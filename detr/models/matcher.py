@@ -4,6 +4,10 @@ Each target gets exactly one prediction; unmatched predictions are "no object". 
 is a weighted sum of a class cost, the L1 distance of the cxcywh boxes and minus their generalized
 IoU. The cost matrix of the whole batch is computed at once on the model's device and copied to the
 host in one transfer; ``scipy.optimize.linear_sum_assignment`` then solves each image's block.
+
+Query groups (Group DETR, training only): outputs holding K groups of Q queries ("query_groups":
+K) are matched group by group, each group one-to-one with all the targets, as K separate
+matchings would.
 """
 
 from __future__ import annotations
@@ -85,8 +89,10 @@ class HungarianMatcher(nn.Module):
 
         Returns:
             B pairs (index_i, index_j) of int64 CPU tensors of length min(Q, N_i): prediction
-            index_i[k] is matched to target index_j[k].
+            index_i[k] is matched to target index_j[k]. With K query groups (outputs["query_groups"]),
+            K such matchings per image, group g's prediction indices offset by g * Q.
         """
+        groups = outputs.get("query_groups", 1)
         sizes = [len(t["boxes"]) for t in targets]
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
@@ -100,7 +106,14 @@ class HungarianMatcher(nn.Module):
             if n == 0:
                 indices.append((empty, empty))
                 continue
-            rows, cols = linear_sum_assignment(cost[i, :, start : start + n])
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            block = cost[i, :, start : start + n]  # [K * Q, n]
+            q = block.shape[0] // groups
+            rows, cols = [], []
+            for g in range(groups):
+                r, c = linear_sum_assignment(block[g * q : (g + 1) * q])
+                rows.append(r + g * q)
+                cols.append(c)
+            indices.append((torch.as_tensor(np.concatenate(rows), dtype=torch.int64),
+                            torch.as_tensor(np.concatenate(cols), dtype=torch.int64)))
             start += n
         return indices

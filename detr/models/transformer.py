@@ -72,19 +72,22 @@ class TransformerDecoderLayer(nn.Module):
         pos: torch.Tensor,
         query_pos: torch.Tensor,
         memory_key_padding_mask: torch.Tensor,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tgt, query_pos [B, Q, C]; memory, pos [B, S, C]; mask [B, S] -> [B, Q, C]."""
+        """tgt, query_pos [B, Q, C]; memory, pos [B, S, C]; mask [B, S]; self_attn_mask
+        [B * nhead, Q, Q] bool (True = may not attend; training aids only) -> [B, Q, C]."""
         kpm = memory_key_padding_mask
+        am = self_attn_mask
         if self.normalize_before:
             x = self.norm1(tgt)
             q = k = x + query_pos
-            tgt = tgt + self.dropout1(self.self_attn(q, k, x, need_weights=False)[0])
+            tgt = tgt + self.dropout1(self.self_attn(q, k, x, attn_mask=am, need_weights=False)[0])
             x = self.norm2(tgt)
             attn = self.multihead_attn(x + query_pos, memory + pos, memory, key_padding_mask=kpm, need_weights=False)[0]
             tgt = tgt + self.dropout2(attn)
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
         q = k = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, attn_mask=am, need_weights=False)[0]))
         attn = self.multihead_attn(tgt + query_pos, memory + pos, memory, key_padding_mask=kpm, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attn))
         return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
@@ -115,11 +118,12 @@ class TransformerDecoder(nn.Module):
         pos: torch.Tensor,
         query_pos: torch.Tensor,
         memory_key_padding_mask: torch.Tensor,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """-> [L, B, Q, C]: the shared final LayerNorm applied to every layer's output."""
         intermediate = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, pos, query_pos, memory_key_padding_mask)
+            tgt = layer(tgt, memory, pos, query_pos, memory_key_padding_mask, self_attn_mask)
             intermediate.append(self.norm(tgt))
         return torch.stack(intermediate)
 
@@ -162,15 +166,16 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(
-        self, src: torch.Tensor, mask: torch.Tensor, query_embed: torch.Tensor, pos_embed: torch.Tensor
+        self, src: torch.Tensor, mask: torch.Tensor, query_embed: torch.Tensor, pos_embed: torch.Tensor,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """src [B, C, H, W], mask [B, H, W] (True = padding), query_embed [Q, C], pos_embed [B, C, H, W]
-        -> decoder outputs [L, B, Q, C], encoder memory [B, C, H, W]."""
+        """src [B, C, H, W], mask [B, H, W] (True = padding), query_embed [Q, C], pos_embed [B, C, H, W],
+        self_attn_mask [B * nhead, Q, Q] or None -> decoder outputs [L, B, Q, C], encoder memory [B, C, H, W]."""
         b, c, h, w = src.shape
         memory, pos_seq, mask_seq = self.encode(src, mask, pos_embed)
         query_pos = query_embed.unsqueeze(0).expand(b, -1, -1)  # [B, Q, C]
         # The decoder input starts at zero; the queries enter only as positional embeddings.
-        hs = self.decoder(torch.zeros_like(query_pos), memory, pos_seq, query_pos, mask_seq)
+        hs = self.decoder(torch.zeros_like(query_pos), memory, pos_seq, query_pos, mask_seq, self_attn_mask)
         return hs, memory.transpose(1, 2).reshape(b, c, h, w)
 
     def encode(
