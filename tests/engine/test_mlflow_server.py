@@ -23,7 +23,7 @@ from detr.checkpoints.format import load_checkpoint
 from detr.data.synth import generate_synthetic_dataset
 from detr.tracking.continuation import REPLAY_MISMATCH_TAG, RESUME_COUNT_TAG, RESUME_HISTORY_TAG
 from tests.engine.test_training import micro_overrides
-from tests.servers import VENV_BIN, free_port, server_process
+from tests.servers import mlflow_tracking_server
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +33,8 @@ def mlflow_server(tmp_path_factory):
     """(url, artifacts directory) of a server shared by the module's tests; stopped (with its
     workers) afterwards."""
     root = tmp_path_factory.mktemp("server")
-    port = free_port()
     artifacts = root / "artifacts"
-    artifacts.mkdir(parents=True)
-    command = [str(VENV_BIN / "mlflow"), "server",
-               "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
-               "--artifacts-destination", str(artifacts),
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    url = f"http://127.0.0.1:{port}"
-    with server_process(command, ready_url=f"{url}/health", log=root / "server.log", cwd=root, timeout=120):
+    with mlflow_tracking_server(f"sqlite:///{root / 'db.sqlite'}", artifacts, log=root / "server.log") as url:
         yield url, artifacts
 
 
