@@ -12,6 +12,7 @@ import mlflow
 import pytest
 from mlflow.entities import Metric
 
+from detr.checkpoints.format import load_checkpoint
 from detr.tracking.continuation import (
     PREVIOUS_RUN_TAG,
     REPLAY_MISMATCH_TAG,
@@ -102,3 +103,39 @@ def test_a_run_that_is_gone_starts_a_new_one_that_names_it(store):
 def test_a_checkpoint_written_untracked_has_no_run_to_continue(file_store):
     uri, _ = file_store
     assert prepare_continuation(None, checkpoint_step=3, tracking_uri=uri) is None
+
+
+
+@pytest.mark.slow
+def test_a_resume_whose_run_was_deleted_logs_into_a_new_run_that_names_it(micro_synth_dir, tmp_path, monkeypatch):
+    """train_from_config end to end (a SQLite store: the file store cannot hold both ``coco/AP`` and
+    ``coco/AP/<class>``): one epoch of 3 steps, its run deleted, a resume from step 2 starts a new
+    run with the params, tagged with the deleted run, holding step 3 only."""
+    from detr.config import load_config
+    from detr.run import train_from_config
+    from tests.engine.test_training import micro_overrides
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment("in-process", artifact_location=str(tmp_path / "artifacts"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    checkpoints = tmp_path / "checkpoints"
+    config = load_config(None, micro_overrides(micro_synth_dir, checkpoints, **{
+        "train.epochs": 1, "train.device": "cpu", "train.checkpoint.every_steps": 1, "tracking.tracking_uri": uri,
+        "tracking.experiment": "in-process", "tracking.log_every_steps": 1, "tracking.log_system_metrics": "false",
+        "tracking.num_overlay_images": 0, "tracking.log_model": "false"}))
+    first = train_from_config(config, progress=False)
+    client.delete_run(first.run_id)
+
+    again = train_from_config(config, resume=checkpoints / "step-00000002.pt", progress=False)
+
+    assert again.run_id != first.run_id
+    new_run = client.get_run(again.run_id)
+    assert new_run.info.status == "FINISHED"
+    assert new_run.data.tags[PREVIOUS_RUN_TAG] == first.run_id
+    assert json.loads(new_run.data.tags[RESUME_HISTORY_TAG]) == [{"step": 2, "found": "deleted", "ended_as": None}]
+    assert new_run.data.params["train.batch_size"] == "3"  # a new run gets the params a continued one has
+    assert [m.step for m in client.get_metric_history(again.run_id, "train/loss")] == [3]
+    # The checkpoints written from now on name the new run: the next resume continues it.
+    assert load_checkpoint(sorted(checkpoints.glob("step-*.pt"))[-1])["mlflow_run_id"] == again.run_id
