@@ -10,9 +10,11 @@ object. It is also where training is handed the serve side's model logger
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +35,9 @@ from detr.engine.trainer import Trainer, TrainerSettings, evaluate_model
 from detr.errors import CheckpointError, ConfigError
 from detr.models.build import build_criterion, build_model, build_postprocess
 from detr.models.detection_params import DEFAULT_SCORE_THRESHOLD
+
+if TYPE_CHECKING:
+    from detr.tracking.continuation import RunContinuation
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,19 @@ def refuse_stale_checkpoints(checkpoints: CheckpointDirectory) -> None:
         )
 
 
+@dataclass(frozen=True)
+class CheckpointRun:
+    """The MLflow run a checkpoint was written under (None when trained untracked) and its step."""
+
+    run_id: str | None
+    step: int
+
+
+def checkpoint_run(checkpoint: Path) -> CheckpointRun:
+    data = load_checkpoint(checkpoint)
+    return CheckpointRun(run_id=data.get("mlflow_run_id"), step=int(data["training_state"]["step"]))
+
+
 def check_label_map(checkpoint_path: Path, dataset_map: LabelMap) -> None:
     stored = LabelMap.from_dict(load_checkpoint(checkpoint_path)["label_map"], source=str(checkpoint_path))
     stored.require_same(dataset_map, this=f"checkpoint {checkpoint_path}", that="the configured dataset")
@@ -117,15 +135,22 @@ def train_from_config(
                                  callbacks, progress)
         run_id = served_model_uri = None
         if track and dist_ctx.is_main:
-            from detr.tracking import tracked_run
+            from detr.tracking import prepare_continuation, tracked_run
 
             tracking = config.tracking
+            continuation = None
+            # A resume continues the run its checkpoint names (under `mlflow run`, the project's run).
+            if resume_path is not None and "MLFLOW_RUN_ID" not in os.environ:
+                stored = checkpoint_run(resume_path)
+                continuation = prepare_continuation(stored.run_id, checkpoint_step=stored.step,
+                                                    tracking_uri=tracking.tracking_uri)
             with tracked_run(tracking_uri=tracking.tracking_uri, experiment=tracking.experiment,
-                             run_name=tracking.run_name, log_system_metrics=tracking.log_system_metrics) as run:
+                             run_name=tracking.run_name, log_system_metrics=tracking.log_system_metrics,
+                             run_id=continuation.run_id if continuation is not None else None) as run:
                 run_id = run.info.run_id
-                # Checkpoints name their run: `detr register` logs the model into it.
+                # Checkpoints name their run: `detr register` logs the model into it, a resume continues it.
                 trainer.extra_state["mlflow_run_id"] = run_id
-                mlflow_callback = _mlflow_callback(config, trainer, train_set, val_set)
+                mlflow_callback = _mlflow_callback(config, trainer, train_set, val_set, continuation)
                 trainer.callbacks.append(mlflow_callback)
                 trainer.fit(resume_path)
                 if mlflow_callback.logged_model is not None:
@@ -215,7 +240,7 @@ def _build_trainer(
 
 
 def _mlflow_callback(config: Config, trainer: Trainer, train_set: DetectionDataset,
-                     val_set: DetectionDataset | None) -> Callback:
+                     val_set: DetectionDataset | None, continuation: RunContinuation | None = None) -> Callback:
     from deploy.packaging import log_detr_model
     from detr.engine.overlays import OverlayRenderer
     from detr.engine.pr_curves import coco_curves, pr_figure
@@ -259,6 +284,7 @@ def _mlflow_callback(config: Config, trainer: Trainer, train_set: DetectionDatas
         served_model=((config.tracking.registered_model, config.tracking.registered_alias)
                       if config.tracking.log_model else None),
         log_model=log_detr_model,
+        continuation=continuation,
     )
 
 

@@ -4,7 +4,8 @@ contract in pyproject.toml); the search records its sweep in ``detr.search.runs`
 Default store: ``sqlite:///mlflow.db`` in the working directory; ``MLFLOW_TRACKING_URI`` (or
 ``tracking.tracking_uri`` in the config) points elsewhere, e.g. an ``mlflow server``. Under
 ``mlflow run`` the environment carries ``MLFLOW_RUN_ID`` and ``start_run`` attaches to that run.
-Only rank 0 logs.
+Only rank 0 logs. A resumed training continues the run its checkpoint names, each (metric, step)
+logged once (``detr.tracking.continuation``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import mlflow
 import numpy as np
 
 from detr.engine.callbacks import Callback
+from detr.tracking.continuation import REPLAY_MISMATCH_TAG, RunContinuation, prepare_continuation
 
 if TYPE_CHECKING:
     from detr.data.dataset import DetectionDataset
@@ -181,14 +183,17 @@ def log_evaluation_to_run(
 
 
 def log_diagnostic_report(report: Any, run_id: str, *, artifact_dir: str = "diagnostics", metric_prefix: str = "",
-                          log_metrics: bool = True, tracking_uri: str | None = None) -> None:
+                          log_metrics: bool = True, tracking_uri: str | None = None,
+                          continuation: RunContinuation | None = None) -> None:
     """Log a :class:`detr.engine.diagnostics.DiagnosticReport` to a run: its metrics (with
-    ``metric_prefix``, unless ``log_metrics`` is false), and under ``artifact_dir`` the confusion
-    matrix and TIDE charts (PNG), their JSON, the per-class and worst-image tables, the summary
-    text and the worst images drawn."""
+    ``metric_prefix``, unless ``log_metrics`` is false; those not logged yet when continuing a run),
+    and under ``artifact_dir`` the confusion matrix and TIDE charts (PNG), their JSON, the per-class
+    and worst-image tables, the summary text and the worst images drawn."""
     client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
     now_ms = int(time.time() * 1000)
     metrics = clean_metrics({metric_prefix + k: v for k, v in report.metrics().items()}) if log_metrics else {}
+    if continuation is not None:
+        metrics = continuation.fresh(metrics, 0)
     items = list(metrics.items())
     for i in range(0, len(items), 1000):  # log_batch takes at most 1000 metrics
         client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, now_ms, 0) for k, v in items[i : i + 1000]])
@@ -246,16 +251,19 @@ def dataset_digest(dataset: DetectionDataset) -> str:
 
 
 def log_dataset(
-    dataset: DetectionDataset, context: str, sources: Sequence[str | Path], stride: int | None = None
+    dataset: DetectionDataset, context: str, sources: Sequence[str | Path], stride: int | None = None,
+    continuation: RunContinuation | None = None,
 ) -> None:
     """Record a dataset as a run input: its name, annotation digest and where it was read from;
-    and its health (detr.data.health) for a model of finest output ``stride``: text, plot, counts."""
+    and its health (detr.data.health) for a model of finest output ``stride``: text, plot, counts
+    (the counts not logged yet when continuing a run)."""
     from detr.data.health import DEFAULT_STRIDE, compute_health, plot_health
 
     health = compute_health(dataset, stride=stride or DEFAULT_STRIDE)
     mlflow.log_text(health.format() + "\n", f"data/{context}_health.txt")
     mlflow.log_figure(plot_health(health), f"data/{context}_health.png")
-    mlflow.log_metrics({f"data/{context}/{k}": v for k, v in health.metrics().items()})
+    counts = {f"data/{context}/{k}": v for k, v in health.metrics().items()}
+    mlflow.log_metrics(continuation.fresh(counts, 0) if continuation is not None else counts)
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
@@ -289,6 +297,8 @@ class MlflowCallback(Callback):
         served_model: (registered name or None, alias) to log the finished run's best checkpoint
             as its pyfunc model "model" (and register it under the name); None: no model.
         log_model: what logs that model (needed with ``served_model``).
+        continuation: when resuming the run the checkpoint names (``prepare_continuation``):
+            only the (metric, step) pairs not in the run yet are logged, and the resume is tagged.
 
     Attributes:
         logged_model: the served model logged when training finished.
@@ -307,6 +317,7 @@ class MlflowCallback(Callback):
         log_every_steps: int = 10,
         served_model: tuple[str | None, str] | None = None,
         log_model: ModelLogger | None = None,
+        continuation: RunContinuation | None = None,
     ) -> None:
         if served_model is not None and log_model is None:
             raise ValueError("served_model needs log_model, the function that logs the model")
@@ -321,23 +332,37 @@ class MlflowCallback(Callback):
         self.pr_curves = pr_curves
         self.diagnostics = diagnostics
         self.log_every_steps = max(1, log_every_steps)
+        self.continuation = continuation
         self.loss_history: dict[str, list[tuple[int, float]]] = {}
 
     def on_train_start(self, trainer: Trainer, state: TrainingState) -> None:
         if not trainer.is_main:
             return
         params = flatten(self.config)
-        if state.step == 0:  # a resumed run already has its params (MLflow refuses to change them)
+        # A continued run already has its params (MLflow refuses to change them); a resume into a
+        # new run (the checkpoint's run is gone, or it named none) has none yet.
+        if state.step == 0 or not mlflow.get_run(mlflow.active_run().info.run_id).data.params:
             for i in range(0, len(params), 100):
                 mlflow.log_params(dict(list(params.items())[i : i + 100]))
         commit = git_commit()
-        mlflow.set_tags({**self.tags, **({"git_commit": commit} if commit else {})})
+        resume_tags = self.continuation.tags() if self.continuation is not None else {}
+        mlflow.set_tags({**self.tags, **({"git_commit": commit} if commit else {}), **resume_tags})
         mlflow.log_dict(self.config, "config/resolved_config.json")
         mlflow.log_dict(self.label_map, "label_map.json")
         # The finest feature-map stride of the model (its backbone's), for the small-box check.
         strides = [min(m.strides) for m in trainer.model.modules() if getattr(m, "strides", None)]
         for context, (dataset, sources) in self.datasets.items():
-            log_dataset(dataset, context, sources, stride=min(strides) if strides else None)
+            log_dataset(dataset, context, sources, stride=min(strides) if strides else None,
+                        continuation=self.continuation)
+
+    def _log_metrics(self, metrics: Mapping[str, float], step: int) -> dict[str, float]:
+        """Log ``metrics`` at ``step``, leaving out those a continued run has there already;
+        returns what was logged."""
+        if self.continuation is not None:
+            metrics = self.continuation.fresh(metrics, step)
+        if metrics:
+            mlflow.log_metrics(dict(metrics), step=step)
+        return dict(metrics)
 
     def on_step_end(self, trainer: Trainer, state: TrainingState, losses: dict[str, float]) -> None:
         if not trainer.is_main:
@@ -346,14 +371,16 @@ class MlflowCallback(Callback):
             if name in losses:
                 self.loss_history.setdefault(name, []).append((state.step, losses[name]))
         if state.step == 1 or state.step % self.log_every_steps == 0:
-            mlflow.log_metrics(clean_metrics({f"train/{k}": v for k, v in losses.items()}), step=state.step)
+            self._log_metrics(clean_metrics({f"train/{k}": v for k, v in losses.items()}), state.step)
 
     def on_epoch_end(self, trainer: Trainer, state: TrainingState, metrics: dict[str, float]) -> None:
         if not trainer.is_main:
             return
-        mlflow.log_metrics({**clean_metrics(metrics), "epoch": float(state.epoch)}, step=state.step)
+        logged = self._log_metrics({**clean_metrics(metrics), "epoch": float(state.epoch)}, state.step)
         if self.loss_history:
             mlflow.log_figure(plot_loss_curves(self.loss_history), "plots/loss_curves.png")
+        if "epoch" not in logged:
+            return  # an epoch end replayed after a resume: its plots and images are in the run already
         if metrics and self.pr_curves is not None:
             figure = self.pr_curves()
             if figure is not None:
@@ -375,10 +402,13 @@ class MlflowCallback(Callback):
                 last = shutil.copyfile(trainer.last_checkpoint, Path(tmp) / "last.pt")
                 mlflow.log_artifact(str(last), artifact_path="checkpoints")
         mlflow.set_tag("training_status", status)
+        if self.continuation is not None:
+            mlflow.set_tag(REPLAY_MISMATCH_TAG, str(self.continuation.replay_mismatches))
         if status == "finished" and self.diagnostics is not None:
             report = self.diagnostics()
             if report is not None:
-                log_diagnostic_report(report, mlflow.active_run().info.run_id, tracking_uri=mlflow.get_tracking_uri())
+                log_diagnostic_report(report, mlflow.active_run().info.run_id, tracking_uri=mlflow.get_tracking_uri(),
+                                      continuation=self.continuation)
         if status == "finished" and self.served_model is not None:
             self._log_served_model(trainer)
 
