@@ -103,13 +103,17 @@ def _is_local_file_uri(uri: str) -> bool:
     return scheme in ("", "file", "sqlite")
 
 
-def _check_workers_fit(nodes: list[dict], per_worker: Mapping[str, float], workers: int, what: str) -> None:
-    """How many workers of ``per_worker`` the nodes hold (a worker runs on one node)."""
+def worker_capacity(per_worker: Mapping[str, float], nodes: list[dict] | None = None) -> int:
+    """How many workers of ``per_worker`` the cluster's nodes hold at once (a worker runs on one node)."""
     def fits(node: Mapping) -> int:
         have = node.get("Resources", {})
         return int(min(have.get(key, 0) // amount for key, amount in per_worker.items() if amount > 0))
 
-    capacity = sum(fits(node) for node in nodes)
+    return sum(fits(node) for node in (alive_nodes() if nodes is None else nodes))
+
+
+def _check_workers_fit(nodes: list[dict], per_worker: Mapping[str, float], workers: int, what: str) -> None:
+    capacity = worker_capacity(per_worker, nodes)
     if capacity >= workers:
         return
     asked = ", ".join(f"{amount:g} {key}" for key, amount in per_worker.items() if amount > 0)
