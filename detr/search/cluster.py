@@ -81,7 +81,7 @@ def describe_node(node: Mapping) -> str:
 
 
 def check_cluster_settings(per_worker: Mapping[str, float], *, workers: int, tracking_uri: str | None,
-                           what: str, storage: str | None = None) -> None:
+                           what: str, storage: str | None = None, gpu_flag: str = "--gpus-per-worker") -> None:
     """What would otherwise fail inside a worker, or wait forever, checked before anything starts:
     the workers fit the nodes; a local-file tracking store is not used by a cluster of several
     nodes; every node sees ``storage``; every GPU node that a worker may land on has CUDA."""
@@ -95,7 +95,7 @@ def check_cluster_settings(per_worker: Mapping[str, float], *, workers: int, tra
     if storage is not None and "://" not in storage:
         _probe_storage(nodes, storage)
     if per_worker.get("GPU", 0) > 0:
-        _probe_gpus(nodes, per_worker["GPU"])
+        _probe_gpus(nodes, per_worker["GPU"], gpu_flag)
 
 
 def _is_local_file_uri(uri: str) -> bool:
@@ -161,7 +161,7 @@ def _read_marker(path: str) -> str | None:
         return None
 
 
-def _probe_gpus(nodes: list[dict], gpus_per_worker: float) -> None:
+def _probe_gpus(nodes: list[dict], gpus_per_worker: float, gpu_flag: str) -> None:
     """A node that declares GPUs must have CUDA: else a GPU worker would fail deep inside torch."""
     gpu_nodes = [n for n in nodes if n.get("Resources", {}).get("GPU", 0) > 0]
     if not gpu_nodes:
@@ -177,7 +177,7 @@ def _probe_gpus(nodes: list[dict], gpus_per_worker: float) -> None:
               for n, state in zip(gpu_nodes, states) if state]
     if broken:
         raise InvalidInputError(
-            f"a worker asks for {gpus_per_worker:g} GPU (--gpus-per-worker), and {'; '.join(broken)}: start that "
+            f"{gpu_flag} {gpus_per_worker:g} asks for GPUs, and {'; '.join(broken)}: start that "
             "node with the right --num-gpus (0 without a GPU), or install a CUDA build of torch there")
 
 

@@ -127,7 +127,8 @@ def run_search(
         workers = workers_per_trial.workers if workers_per_trial else 1
         check_cluster_settings(per_worker, workers=workers, what="--workers-per-trial" if workers_per_trial
                                else "a trial", storage=storage,
-                               tracking_uri=resolve_tracking_uri(config.tracking.tracking_uri))
+                               tracking_uri=resolve_tracking_uri(config.tracking.tracking_uri),
+                               gpu_flag="--gpus-per-worker" if workers_per_trial else "--gpus-per-trial")
         if workers_per_trial is None:
             trainable = tune.with_resources(
                 tune.with_parameters(train_trial, base_config=config.to_dict(), fixed=space.fixed, metric=metric,
@@ -171,8 +172,9 @@ def run_search(
                                       runs=child_runs(sweep_run_id))
             best_result = _best_result(grid, trials, metric, mode)
             best = next(t for t in trials if t.trial_id == best_result.metrics["trial_id"])
-            checkpoint = best_result.get_best_checkpoint(metric, mode) or best_reported_checkpoint(
-                best_result, metric, mode)
+            # A multi-worker trial's checkpoints are its TorchTrainer's: Tune saw their paths only.
+            checkpoint = (best_reported_checkpoint(best_result, metric, mode) if workers_per_trial
+                          else best_result.get_best_checkpoint(metric, mode))
             with checkpoint.as_directory() as directory:
                 served = log_search_results(trials, best, metric=metric, mode=mode,
                                             checkpoint=Path(directory) / CHECKPOINT_FILE, register=register,
