@@ -112,6 +112,7 @@ def tune_args(config: Path, tmp_path: Path, address: str, *extra: str) -> list[s
 def test_settings_the_cluster_cannot_honour_fail_before_any_trial(cluster, tracking_server, micro_synth_dir,
                                                                   tmp_path, capsys):
     served = write_config(micro_synth_dir, tmp_path, tracking_server)
+    (tmp_path / "local").mkdir()
     cases = [
         # The second node declares a GPU; CUDA is missing there.
         (served, ["--gpus-per-trial", "1"], r"node [0-9a-f]{12} \(.*\) declares 1 GPUs but CUDA is not available there "
