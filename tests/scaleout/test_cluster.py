@@ -115,8 +115,8 @@ def test_settings_the_cluster_cannot_honour_fail_before_any_trial(cluster, track
     (tmp_path / "local").mkdir()
     cases = [
         # The second node declares a GPU; CUDA is missing there.
-        (served, ["--gpus-per-trial", "1"], r"node [0-9a-f]{12} \(.*\) declares 1 GPUs but CUDA is not available there "
-                                            r".*--gpus-per-trial 1 asks for GPUs"),
+        (served, ["--gpus-per-trial", "1"], r"--gpus-per-trial 1 asks for GPUs, and node [0-9a-f]{12} \(.*\) declares 1 "
+                                            r"GPUs but CUDA is not available there"),
         (served, ["--workers-per-trial", "5"], r"--workers-per-trial asks for 5 workers of 1 CPU each, but the Ray "
                                                r"cluster holds 4 such workers"),
         (write_config(micro_synth_dir, tmp_path / "local", f"sqlite:///{tmp_path / 'mlflow.db'}"), [],
