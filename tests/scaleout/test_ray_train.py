@@ -23,7 +23,8 @@ def test_two_ray_workers_at_batch_b_train_like_one_process_at_2b(small_synth_dir
     overrides = ddp_overrides(small_synth_dir, tmp_path / "unused", PER_PROCESS_BATCH)
     overrides = [o for o in overrides if not o.startswith("train.checkpoint.dir=")]
     args = ["train", "--workers", "2", *[a for o in overrides for a in ("-o", o)],
-            "-o", "train.checkpoint.dir=ray_ddp", "-o", "tracking.tracking_uri=sqlite:///mlflow.db"]
+            "-o", "train.checkpoint.dir=ray_ddp", "-o", "tracking.tracking_uri=sqlite:///mlflow.db",
+            "-o", "tracking.log_model=false"]
     assert main(args) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "trained 2 epochs (4 steps); checkpoints in ray_ddp" in out, out
