@@ -111,14 +111,13 @@ def train_on_ray(config: Config, group: WorkerGroup, *, address: str | None = No
 
 
 def worker_error(error: BaseException) -> str:
-    """The message of the exception a worker raised: Ray wraps it in tracebacks of its own."""
-    cause = error
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    text = str(getattr(error, "worker_failures", None) and next(iter(error.worker_failures.values())) or cause)
+    """The message of the exception a worker raised: Ray wraps it in tracebacks of its own, and the
+    worker's own exception is the last line that names an error."""
+    failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError: rank -> exception
+    text = str(next(iter(failures.values()))) if failures else str(error)
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    detr_lines = [line for line in lines if "Error: " in line]
-    return (detr_lines or lines or [type(error).__name__])[-1]
+    named = [line for line in lines if "Error: " in line]
+    return (named or lines or [type(error).__name__])[-1]
 
 
 def enter_launch_directory(root: str) -> None:
