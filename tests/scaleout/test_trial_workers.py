@@ -108,3 +108,27 @@ def test_multi_worker_trials_survive_a_killed_worker_and_continue_exactly(micro_
     epochs = [(m.step, m.value) for m in client.get_metric_history(killed_run.info.run_id, "epoch")]
     assert epochs == [(e, float(e)) for e in range(1, EPOCHS + 1)]
     assert not any(key.startswith("worker/") for key in killed_run.data.metrics)
+
+
+def test_worker_flag_mistakes_fail_before_ray_starts(micro_synth_dir, tmp_path, tracking_uri, capsys):
+    from detr.cli import main
+
+    config = tmp_path / "micro.yaml"
+    config.write_text(micro_search_config(micro_synth_dir, tmp_path, tracking_uri).to_yaml())
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {grid: [1.0e-4]}\n")
+    base = ["tune", str(config), "--space", str(space), "--samples", "1", "--storage", str(tmp_path / "ray")]
+    cases = [
+        (["--cpus-per-worker", "1"], "--cpus-per-worker need --workers-per-trial N"),
+        (["--workers-per-trial", "2", "--cpus-per-trial", "2"], "--cpus-per-trial are for one-process trials"),
+        (["--workers-per-trial", "0"], "--workers-per-trial must be at least 1, got 0"),
+        (["--workers-per-trial", "2", "--gpus-per-worker", "1"], "train.device is cpu but --gpus-per-worker is 1"),
+        (["--max-failures", "-1"], "--max-failures must be 0 or more, got -1"),
+    ]
+    for extra, expected in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("detr: error: ") and err.count("\n") == 1 and expected in err, (extra, err)
+    import ray
+
+    assert not ray.is_initialized() and not (tmp_path / "ray").exists()
