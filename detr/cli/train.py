@@ -14,11 +14,21 @@ def _add_train_commands(commands) -> None:
                  ["detr train configs/deformable_detr_tiny.yaml",
                   "detr train configs/detr_tiny.yaml -o train.epochs=5 -o train.lr=2e-4",
                   "detr train configs/detr_tiny.yaml --resume auto",
-                  "torchrun --nproc-per-node 2 -m detr.cli train configs/detr_tiny.yaml"])
+                  "torchrun --nproc-per-node 2 -m detr.cli train configs/detr_tiny.yaml",
+                  "detr train configs/detr_tiny.yaml --workers 2",
+                  "RAY_ADDRESS=10.0.0.5:6379 detr train configs/deformable_detr_r50.yaml --workers 8 --gpus-per-worker 1"])
     _add_config_args(p, required=False)
     p.add_argument("--resume", metavar="PATH|auto",
                    help="continue exactly from a checkpoint, or the newest one in train.checkpoint.dir")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    ray_group = p.add_argument_group("data parallel on Ray Train (instead of one process or torchrun)")
+    ray_group.add_argument("--workers", type=int, metavar="N",
+                           help="train in N Ray Train workers (DDP: gloo on CPU, NCCL on GPU); train.batch_size is "
+                                "per worker")
+    ray_group.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="(default 1)")
+    ray_group.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="(default 0)")
+    ray_group.add_argument("--address", help="an existing Ray cluster (default: RAY_ADDRESS, else Ray on this "
+                                             "machine)")
     p.set_defaults(func=_cmd_train)
 
     p = _command(commands, "evaluate", "COCO and VOC metrics of a checkpoint on a dataset split, and why it fails",
@@ -47,8 +57,21 @@ def _cmd_train(args) -> None:
     from detr.config import load_config
     from detr.run import train_from_config
 
+    ray_flags = [flag for flag, value, default in (("--cpus-per-worker", args.cpus_per_worker, 1.0),
+                                                   ("--gpus-per-worker", args.gpus_per_worker, 0.0),
+                                                   ("--address", args.address, None)) if value != default]
+    if args.workers is None and ray_flags:
+        raise DetrError(f"{', '.join(ray_flags)} need --workers N (training on Ray Train)")
+    if args.workers is not None and "WORLD_SIZE" in os.environ:
+        raise DetrError("--workers starts its own Ray Train workers: do not combine it with torchrun")
     config = load_config(args.config, _overrides(args))
-    outcome = train_from_config(config, resume=args.resume, track=not args.no_track)
+    if args.workers is not None:
+        from detr.search.ray_train import WorkerGroup, train_on_ray
+
+        outcome = train_on_ray(config, WorkerGroup(args.workers, args.cpus_per_worker, args.gpus_per_worker),
+                               address=args.address, resume=args.resume, track=not args.no_track)
+    else:
+        outcome = train_from_config(config, resume=args.resume, track=not args.no_track)
     print(f"trained {outcome.epochs} epochs ({outcome.steps} steps); checkpoints in {outcome.checkpoint_dir}")
     _print_metrics(outcome.metrics)
     if outcome.run_id:

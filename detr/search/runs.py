@@ -26,6 +26,8 @@ from detr.tracking import ModelLogger, metric_key, tracked_run, use_tracking_uri
 PLOT_ARTIFACT = "plots/metric_vs_epoch.png"
 TRIAL_ID_TAG = "search.trial_id"  # on each child run: the Ray trial it records
 SEARCH_PATH_TAG = "search.path"  # on the sweep run: the Ray experiment, found again by --resume
+RESTARTS = "trial/restarts"  # on each child run: how often the trial (or its workers) restarted after a failure
+RETRIES = "trials/retries"  # on the sweep run: the restarts of all its trials
 
 
 class SearchInterrupted(DetrError):
@@ -49,6 +51,7 @@ class TrialSummary:
     status: str  # "finished", "stopped early" or "failed"
     error: str | None = None
     run_id: str | None = None  # the trial's MLflow run, a child of the sweep run
+    restarts: int = 0  # restarts after a failure (of the trial, or of its workers)
 
 
 @dataclass(frozen=True)
@@ -104,16 +107,16 @@ def sweep_run(config: Config, space: SearchSpace, *, name: str, experiment_path:
         yield run.info.run_id
 
 
-def child_runs(sweep_run_id: str) -> dict[str, str]:
+def child_runs(sweep_run_id: str) -> dict[str, mlflow.entities.Run]:
     """Trial id -> the MLflow run of that trial under the sweep run."""
     run = mlflow.get_run(sweep_run_id)
     children = mlflow.MlflowClient().search_runs([run.info.experiment_id],
                                                  filter_string=f"tags.`mlflow.parentRunId` = '{sweep_run_id}'")
-    return {r.data.tags[TRIAL_ID_TAG]: r.info.run_id for r in children if TRIAL_ID_TAG in r.data.tags}
+    return {r.data.tags[TRIAL_ID_TAG]: r for r in children if TRIAL_ID_TAG in r.data.tags}
 
 
 def summarize_trials(grid, *, metric: str, mode: str, max_epochs: int,
-                     run_ids: Mapping[str, str]) -> list[TrialSummary]:
+                     runs: Mapping[str, mlflow.entities.Run]) -> list[TrialSummary]:
     """One summary per trial of a Ray ``ResultGrid``, in trial order."""
     pick = max if mode == "max" else min
     summaries = []
@@ -130,7 +133,10 @@ def summarize_trials(grid, *, metric: str, mode: str, max_epochs: int,
         status = "failed" if error else "finished" if epochs >= max_epochs else "stopped early"
         summaries.append(TrialSummary(name=trial_name, trial_id=trial_id, params=dict(result.config or {}),
                                       epochs=epochs, history=history, best_value=pick(values) if values else None,
-                                      status=status, error=error, run_id=run_ids.get(trial_id)))
+                                      status=status, error=error,
+                                      run_id=runs[trial_id].info.run_id if trial_id in runs else None,
+                                      restarts=int(runs[trial_id].data.metrics.get(RESTARTS, 0))
+                                      if trial_id in runs else 0))
     return sorted(summaries, key=lambda t: t.name)
 
 
@@ -148,7 +154,8 @@ def log_search_results(trials: Sequence[TrialSummary], best: TrialSummary, *, me
     mlflow.log_params({f"best.{key}": value for key, value in best.params.items()})
     counts = {status: sum(t.status == status for t in trials) for status in ("finished", "stopped early", "failed")}
     mlflow.log_metrics({f"best/{metric_key(metric)}": best.best_value,
-                        **{f"trials/{status.replace(' ', '_')}": float(n) for status, n in counts.items()}})
+                        **{f"trials/{status.replace(' ', '_')}": float(n) for status, n in counts.items()},
+                       RETRIES: float(sum(t.restarts for t in trials))})
     mlflow.set_tags({"search.best_trial": best.name, **({"search.best_run_id": best.run_id} if best.run_id else {})})
     mlflow.log_figure(plot_trials(trials, metric=metric, mode=mode, best=best.name), PLOT_ARTIFACT)
     name, alias = register if register else (None, None)

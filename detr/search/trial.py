@@ -13,11 +13,12 @@ import copy
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
 from detr.config import Config, config_from_dict, set_dotted
@@ -84,16 +85,32 @@ def trial_config(base_config: Mapping[str, Any], overrides: Mapping[str, Any], *
     return config_from_dict(raw, source=source)
 
 
+def where_this_runs() -> dict[str, Any]:
+    """The node and process of this worker, in its reports: which node a trial ran on, which process
+    to look at (``worker/`` keys are not logged as metrics)."""
+    return {"worker/node_id": ray.get_runtime_context().get_node_id(), "worker/pid": os.getpid()}
+
+
+def report_to_tune(metrics: dict[str, Any], checkpoint_directory: str | None) -> None:
+    checkpoint = tune.Checkpoint.from_directory(checkpoint_directory) if checkpoint_directory else None
+    tune.report(metrics, checkpoint=checkpoint)
+
+
 class ReportEachEpoch(Callback):
-    """``tune.report`` once per epoch: the evaluation, the epoch's mean loss and its checkpoint.
+    """A report once per epoch: the evaluation, the epoch's mean loss and its checkpoint, through
+    ``report(metrics, checkpoint_directory)`` (``tune.report`` for a one-process trial,
+    ``ray.train.report`` in each worker of a multi-worker trial).
 
     The trainer emits ``on_epoch_end`` before it writes the epoch checkpoint, so the metrics wait
-    for ``on_checkpoint``. The metric is reported every epoch, NaN when undefined: Tune ranks the
-    kept checkpoints by it, and one without it would count as the newest best.
+    for ``on_checkpoint``. Under data parallel only rank 0 writes checkpoints; the other ranks report
+    their epoch without one (Ray Train needs every worker to report each time). The metric is
+    reported every epoch, NaN when undefined: Tune ranks the kept checkpoints by it, and one without
+    it would count as the newest best.
     """
 
-    def __init__(self, metric: str) -> None:
+    def __init__(self, metric: str, report: Callable[[dict[str, Any], str | None], None] = report_to_tune) -> None:
         self.metric = metric
+        self.report = report
         self._losses: list[float] = []
         self._pending: dict[str, float] | None = None
 
@@ -101,21 +118,24 @@ class ReportEachEpoch(Callback):
         self._losses.append(losses["loss"])
 
     def on_epoch_end(self, trainer, state, metrics) -> None:
-        if self.metric not in metrics and self.metric != EPOCH_LOSS:
+        if trainer.is_main and self.metric not in metrics and self.metric != EPOCH_LOSS:
             known = [EPOCH_LOSS, *sorted(k for k in metrics if k.count("/") == 1)]
             raise ConfigError(f"search metric {self.metric!r} is not among the metrics of an epoch: {', '.join(known)}")
         reported = clean_metrics(metrics)
         if self._losses:
             reported[EPOCH_LOSS] = sum(self._losses) / len(self._losses)
         reported[self.metric] = float(metrics.get(self.metric, reported.get(self.metric, float("nan"))))
-        self._pending = {**reported, "epoch": state.epoch}
+        self._pending = {**reported, "epoch": state.epoch, **where_this_runs()}
         self._losses = []
+        if not trainer.is_main:
+            self.report(self._pending, None)
+            self._pending = None
 
     def on_checkpoint(self, trainer, state, path: Path, kind: str) -> None:
         if kind != "epoch" or self._pending is None:
             return
-        # A hard link beside the checkpoint (same file system): Tune copies it to its storage.
+        # A hard link beside the checkpoint (same file system): Ray copies it to its storage.
         with tempfile.TemporaryDirectory(dir=path.parent, prefix="report-") as directory:
             os.link(path, Path(directory) / CHECKPOINT_FILE)
-            tune.report(self._pending, checkpoint=tune.Checkpoint.from_directory(directory))
+            self.report(self._pending, directory)
         self._pending = None

@@ -12,7 +12,9 @@ from mlflow.entities import Metric
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS, TIME_TOTAL_S, TRAINING_ITERATION
 
-from detr.search.runs import TRIAL_ID_TAG
+from detr.search.runs import RESTARTS, TRIAL_ID_TAG
+
+WHERE_PREFIX = "worker/"  # the node and process a report came from: in Ray's results, not metrics
 
 
 def trial_run_logger(sweep_run_id: str) -> TrialRunLogger:
@@ -58,7 +60,18 @@ class TrialRunLogger(MLflowLoggerCallback):
             return
         now = int(time.time() * 1000)
         metrics = [Metric(key, float(value), now, step) for key, value in result.items()
-                   if (key not in AUTO_RESULT_KEYS or key == TIME_TOTAL_S)
+                   if (key not in AUTO_RESULT_KEYS or key == TIME_TOTAL_S) and not key.startswith(WHERE_PREFIX)
                    and isinstance(value, (int, float)) and not isinstance(value, bool)]
         mlflow.MlflowClient(self.tracking_uri).log_batch(self._trial_runs[trial], metrics=metrics)
         self._logged_epochs[trial] = step
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        # A one-process trial that Tune restarted after a failure counts it in num_failures; a
+        # multi-worker trial reports its workers' restarts itself (RESTARTS, logged with each epoch).
+        last = trial.last_result or {}
+        restarts = int(trial.num_failures) + int(last.get(RESTARTS, 0))
+        if restarts or RESTARTS not in last:
+            step = int(last.get("epoch", last.get(TRAINING_ITERATION, 0)))
+            mlflow.MlflowClient(self.tracking_uri).log_metric(self._trial_runs[trial], RESTARTS, float(restarts),
+                                                              step=step)
+        super().log_trial_end(trial, failed)

@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,19 @@ from deploy.packaging import log_detr_model
 from detr.config import MODEL_ALIAS_RULE, Config, is_valid_model_alias
 from detr.engine.coco_eval import STAT_NAMES as COCO_STAT_NAMES
 from detr.errors import ConfigError, DetrError, InvalidInputError
-from detr.search.cluster import ray_connection, starts_local_ray
+from detr.search.cluster import check_cluster_settings, ray_connection, starts_local_ray, worker_capacity
+from detr.search.ray_train import WorkerGroup, check_device
 from detr.search.runs import (SearchInterrupted, SearchOutcome, TrialSummary, child_runs, log_search_results,
                               resumed_sweep_run, summarize_trials, sweep_run)
 from detr.search.space import Choice, Grid, LogUniform, RandInt, SearchSpace, Uniform
 from detr.search.trial import CHECKPOINT_FILE, EPOCH_LOSS, scratch_directory, train_trial
 from detr.search.trial_runs import trial_run_logger
+from detr.search.trial_workers import (TRAIN_RUNS, ReleaseWorkerResources, best_reported_checkpoint,
+                                      train_trial_on_workers)
 from detr.tracking import resolve_tracking_uri
 
 DEFAULT_STORAGE = "outputs/tune"
+TRIAL_DRIVER_MEMORY = 64 * 1024**2  # bytes Ray reserves for the driver of a multi-worker trial
 # What an epoch reports (detr.engine.evaluation), known before any trial runs; per-class numbers
 # add the class name to these prefixes.
 SEARCH_METRICS = (*(f"coco/{name}" for name in COCO_STAT_NAMES), "voc/mAP50", "voc/mAP50_11pt", EPOCH_LOSS)
@@ -62,6 +67,8 @@ def run_search(
     resume: bool = False,
     register: tuple[str, str | None] | None = None,
     progress: bool = True,
+    workers_per_trial: WorkerGroup | None = None,
+    max_failures: int = 2,
 ) -> SearchOutcome:
     """Search ``space`` around ``config`` with ASHA; return the trials and the best one.
 
@@ -70,7 +77,20 @@ def run_search(
     than the rung's better fraction; no trial trains past ``train.epochs``. ``register=(name,
     alias)`` registers the best trial's model. ``resume`` continues the search ``name`` in
     ``storage_path`` after an interruption; the config, space and ASHA settings must be the same.
+
+    ``workers_per_trial`` makes each trial a Ray Train ``TorchTrainer`` of that many workers (data
+    parallel; ``detr.search.trial_workers``) instead of one process of ``resources_per_trial``. A trial
+    whose process (or worker) dies is restarted from its last reported checkpoint up to
+    ``max_failures`` times; the sweep run counts the restarts (``trials/retries``).
     """
+    if workers_per_trial is not None and resources_per_trial is not None:
+        raise InvalidInputError("--cpus-per-trial/--gpus-per-trial are for one-process trials: with "
+                                "--workers-per-trial give --cpus-per-worker/--gpus-per-worker")
+    if workers_per_trial is not None:
+        workers_per_trial.check(workers_flag="--workers-per-trial")
+        check_device(config, workers_per_trial)
+    if max_failures < 0:
+        raise InvalidInputError(f"--max-failures must be 0 or more, got {max_failures}")
     resources = dict(resources_per_trial or {"cpu": 1, "gpu": 0})
     _check_settings(config, num_samples=num_samples, max_concurrent_trials=max_concurrent_trials, metric=metric,
                     mode=mode, grace_period=grace_period, reduction_factor=reduction_factor, resources=resources,
@@ -101,12 +121,34 @@ def run_search(
     # the end (Ray stops a finished trial right after its last report, before it could clean up);
     # on a cluster each trial uses its own working directory on its node.
     with (scratch_directory(name) if starts_local_ray(address) else nullcontext()) as scratch_root, \
-            ray_connection(address, resources):
-        trainable = tune.with_resources(
-            tune.with_parameters(train_trial, base_config=config.to_dict(), fixed=space.fixed, metric=metric,
-                                 root=str(Path.cwd()), scratch_root=scratch_root),
-            resources,
-        )
+            ray_connection(address, resources if workers_per_trial is None else {}):
+        per_worker = workers_per_trial.per_worker if workers_per_trial else {"CPU": resources["cpu"],
+                                                                              "GPU": resources.get("gpu", 0)}
+        workers = workers_per_trial.workers if workers_per_trial else 1
+        check_cluster_settings(per_worker, workers=workers, what="--workers-per-trial" if workers_per_trial
+                               else "a trial", storage=storage,
+                               tracking_uri=resolve_tracking_uri(config.tracking.tracking_uri),
+                               gpu_flag="--gpus-per-worker" if workers_per_trial else "--gpus-per-trial")
+        if workers_per_trial is None:
+            trainable = tune.with_resources(
+                tune.with_parameters(train_trial, base_config=config.to_dict(), fixed=space.fixed, metric=metric,
+                                     root=str(Path.cwd()), scratch_root=scratch_root),
+                resources,
+            )
+        else:
+            # The trial itself only drives its TorchTrainer, whose workers hold the CPUs and GPUs (a
+            # CPU held by the driver would be missing for a worker); Ray wants some resource in a
+            # trial's request: the driver's memory. Tune does not see the workers' resources: it
+            # starts no more trials than the cluster holds worker groups.
+            trainable = tune.with_resources(
+                tune.with_parameters(train_trial_on_workers, base_config=config.to_dict(), fixed=space.fixed,
+                                     metric=metric, mode=mode, root=str(Path.cwd()), scratch_root=scratch_root,
+                                     workers=asdict(workers_per_trial), max_failures=max_failures,
+                                     train_storage=f"{experiment_path}/{TRAIN_RUNS}"),
+                {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY},
+            )
+            fitting = max(1, worker_capacity(per_worker) // workers)
+            max_concurrent_trials = min(max_concurrent_trials or fitting, fitting)
         with sweep_run(config, space, name=name, experiment_path=experiment_path, definition=definition,
                        resumed_run_id=resumed_run_id) as sweep_run_id:
             if progress:
@@ -118,17 +160,22 @@ def run_search(
                 tuner = _new_tuner(trainable, space, name=name, storage=storage, metric=metric, mode=mode,
                                    num_samples=num_samples, max_concurrent_trials=max_concurrent_trials,
                                    max_epochs=max_epochs, grace_period=grace_period,
-                                   reduction_factor=reduction_factor, sweep_run_id=sweep_run_id, progress=progress)
+                                   reduction_factor=reduction_factor, sweep_run_id=sweep_run_id, progress=progress,
+                                   # Worker restarts of a multi-worker trial are Ray Train's.
+                                   max_failures=max_failures if workers_per_trial is None else 0)
             grid = tuner.fit()
             # Ray ends an interrupted search normally and marks its running trials terminated; a
             # trial that finished or that ASHA stopped has a last result with done=True.
             if any(r.error is None and not (r.metrics or {}).get("done") for r in grid):
                 raise SearchInterrupted(name, experiment_path)
             trials = summarize_trials(grid, metric=metric, mode=mode, max_epochs=max_epochs,
-                                      run_ids=child_runs(sweep_run_id))
+                                      runs=child_runs(sweep_run_id))
             best_result = _best_result(grid, trials, metric, mode)
             best = next(t for t in trials if t.trial_id == best_result.metrics["trial_id"])
-            with best_result.get_best_checkpoint(metric, mode).as_directory() as directory:
+            # A multi-worker trial's checkpoints are its TorchTrainer's: Tune saw their paths only.
+            checkpoint = (best_reported_checkpoint(best_result, metric, mode) if workers_per_trial
+                          else best_result.get_best_checkpoint(metric, mode))
+            with checkpoint.as_directory() as directory:
                 served = log_search_results(trials, best, metric=metric, mode=mode,
                                             checkpoint=Path(directory) / CHECKPOINT_FILE, register=register,
                                             log_model=log_detr_model)
@@ -139,7 +186,7 @@ def run_search(
 
 def _new_tuner(trainable, space: SearchSpace, *, name: str, storage: str, metric: str, mode: str,
                num_samples: int, max_concurrent_trials: int | None, max_epochs: int, grace_period: int,
-               reduction_factor: float, sweep_run_id: str, progress: bool) -> tune.Tuner:
+               reduction_factor: float, sweep_run_id: str, progress: bool, max_failures: int) -> tune.Tuner:
     trial_runs = trial_run_logger(sweep_run_id)
     return tune.Tuner(
         trainable,
@@ -153,10 +200,12 @@ def _new_tuner(trainable, space: SearchSpace, *, name: str, storage: str, metric
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, verbose=1 if progress else 0,
+            failure_config=tune.FailureConfig(max_failures=max_failures),
             # Keeps the best checkpoints by the metric, and always the latest (to resume from).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
                                                     checkpoint_score_order=mode),
-            callbacks=[trial_runs, *([_TrialLines(metric, mode, max_epochs)] if progress else [])],
+            callbacks=[trial_runs, ReleaseWorkerResources(),
+                       *([_TrialLines(metric, mode, max_epochs)] if progress else [])],
         ),
     )
 

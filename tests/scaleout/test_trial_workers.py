@@ -1,0 +1,134 @@
+"""``detr tune --workers-per-trial 2``: each trial a Ray Train TorchTrainer of two workers. ASHA stops
+the trial that falls behind; a worker killed mid-epoch (SIGKILL, by the PID its trial reported) is
+restarted by Ray Train from the trial's last reported checkpoint, and the trial ends with bitwise the
+weights of the same trial trained without the kill; the trial keeps its one MLflow child run, which
+counts the restart, and the sweep run counts the search's retries."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from detr.checkpoints.format import load_checkpoint
+from detr.search.runs import RESTARTS, RETRIES, TRIAL_ID_TAG
+from tests.tune.conftest import EXPERIMENT, micro_search_config
+
+METRIC = "train/loss_mean"
+EPOCHS = 4
+
+
+def reports(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.slow
+def test_multi_worker_trials_survive_a_killed_worker_and_continue_exactly(micro_synth_dir, tmp_path, tracking_uri):
+    # One image size for every image: both ranks then draw the same amount of randomness (dropout)
+    # per step, so that rank 1 restored with rank 0's RNG state continues as it would have.
+    config = micro_search_config(micro_synth_dir, tmp_path, tracking_uri, **{
+        "train.epochs": EPOCHS,
+        "data.transforms.train": "[{name: random_horizontal_flip, args: {p: 0.5}}, "
+                                 "{name: resize, args: {size: 64, max_size: 80}}, {name: normalize}]",
+        "data.transforms.val": "[{name: resize, args: {size: 64, max_size: 80}}, {name: normalize}]"})
+    config_path = tmp_path / "micro.yaml"
+    config_path.write_text(config.to_yaml())
+    # Two identical trials (the second is the first without the kill), side by side on the two CPUs
+    # (half a CPU per worker), then one whose lr is far too high: its first-epoch loss is behind
+    # theirs, and ASHA stops it at the first rung.
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {grid: [1.0e-4, 1.0e-4, 0.5]}\n")
+    storage = tmp_path / "ray"
+    command = [sys.executable, "-m", "detr.cli", "tune", str(config_path), "--space", str(space), "--samples", "1",
+               "--max-concurrent", "2", "--metric", METRIC, "--mode", "min", "--grace-period", "1",
+               "--workers-per-trial", "2", "--cpus-per-worker", "0.5", "--name", "workers", "--storage", str(storage)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = tmp_path / "tune.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        # The first trial's first report names the process of its rank 0 worker: kill it mid-epoch.
+        deadline = time.monotonic() + 300
+        while True:
+            assert process.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no report of the first trial within 300 s"
+            first = sorted(storage.glob("workers/trial_*"))
+            if first and reports(first[0]):
+                break
+            time.sleep(0.1)
+        killed_trial = first[0]
+        killed_pid = int(reports(killed_trial)[0]["worker/pid"])
+        os.kill(killed_pid, signal.SIGKILL)
+        assert process.wait(timeout=400) == 0, log.read_text()[-4000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    out = log.read_text()
+    assert "3 trials, 1 stopped early by ASHA, 0 failed, 1 restarts after a failure" in out, out[-3000:]
+
+    trial_dirs = sorted(storage.glob("workers/trial_*"))
+    by_lr = {}
+    for trial_dir in trial_dirs:
+        rows = reports(trial_dir)
+        by_lr.setdefault(rows[0]["config"]["train.lr"], []).append((trial_dir, rows))
+    (stopped_dir, stopped_rows), = by_lr[0.5]
+    assert [r["epoch"] for r in stopped_rows] == [1], "ASHA stops the trial that is behind at the first rung"
+    killed_rows = dict(by_lr[1e-4])[killed_trial]
+    (straight_dir, straight_rows), = [(d, r) for d, r in by_lr[1e-4] if d != killed_trial]
+    # Each epoch reported once; the restarted worker is a new process, and the count says so.
+    assert [r["epoch"] for r in killed_rows] == list(range(1, EPOCHS + 1))
+    assert killed_rows[-1]["worker/pid"] != killed_pid
+    assert killed_rows[0][RESTARTS] == 0 and killed_rows[-1][RESTARTS] == 1
+    assert straight_rows[-1][RESTARTS] == 0
+    # The same numbers every epoch, and bitwise the same weights at the end.
+    assert [r[METRIC] for r in killed_rows] == [r[METRIC] for r in straight_rows]
+    killed_weights = load_checkpoint(Path(killed_rows[-1]["checkpoint_path"]) / "checkpoint.pt")["model"]
+    straight_weights = load_checkpoint(Path(straight_rows[-1]["checkpoint_path"]) / "checkpoint.pt")["model"]
+    assert killed_weights.keys() == straight_weights.keys()
+    assert all(torch.equal(killed_weights[k], straight_weights[k]) for k in killed_weights)
+
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    (sweep,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 3, "one child run per trial, the restarted one included"
+    assert sweep.data.metrics[RETRIES] == 1.0
+    killed_id = killed_trial.name.removeprefix("trial_")
+    (killed_run,) = [c for c in children if c.data.tags[TRIAL_ID_TAG] == killed_id]
+    assert killed_run.info.status == "FINISHED" and killed_run.data.metrics[RESTARTS] == 1.0
+    epochs = [(m.step, m.value) for m in client.get_metric_history(killed_run.info.run_id, "epoch")]
+    assert epochs == [(e, float(e)) for e in range(1, EPOCHS + 1)]
+    assert not any(key.startswith("worker/") for key in killed_run.data.metrics)
+
+
+def test_worker_flag_mistakes_fail_before_ray_starts(micro_synth_dir, tmp_path, tracking_uri, capsys):
+    from detr.cli import main
+
+    config = tmp_path / "micro.yaml"
+    config.write_text(micro_search_config(micro_synth_dir, tmp_path, tracking_uri).to_yaml())
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {grid: [1.0e-4]}\n")
+    base = ["tune", str(config), "--space", str(space), "--samples", "1", "--storage", str(tmp_path / "ray")]
+    cases = [
+        (["--cpus-per-worker", "1"], "--cpus-per-worker need --workers-per-trial N"),
+        (["--workers-per-trial", "2", "--cpus-per-trial", "2"], "--cpus-per-trial are for one-process trials"),
+        (["--workers-per-trial", "0"], "--workers-per-trial must be at least 1, got 0"),
+        (["--workers-per-trial", "2", "--gpus-per-worker", "1"], "train.device is cpu but --gpus-per-worker is 1"),
+        (["--max-failures", "-1"], "--max-failures must be 0 or more, got -1"),
+    ]
+    for extra, expected in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("detr: error: ") and err.count("\n") == 1 and expected in err, (extra, err)
+    import ray
+
+    assert not ray.is_initialized() and not (tmp_path / "ray").exists()
