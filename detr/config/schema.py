@@ -139,15 +139,9 @@ class BackboneConfig(Section):
     weights: Path | None = None
     # Number of trainable ResNet stages counted from the top (0..5); DETR trains layer2..layer4.
     trainable_layers: Annotated[int, Field(ge=0, le=5)] = 3
-    # DETR-DC5: layer4 dilated instead of strided (Bottleneck ResNets only: resnet50, resnet101).
+    # DETR-DC5: layer4 dilated instead of strided (a stride-16 map instead of 32, the same weights).
     dilation: bool = False
     frozen_batchnorm: bool = True
-
-    @model_validator(mode="after")
-    def _dilation_needs_bottleneck(self) -> BackboneConfig:
-        if self.dilation and self.name in ("resnet18", "resnet34"):
-            raise ValueError(f"dilation needs resnet50 or resnet101 ({self.name} has no dilated BasicBlock)")
-        return self
 
 
 class DeformableConfig(Section):

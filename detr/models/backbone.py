@@ -42,7 +42,9 @@ class Backbone(nn.Module):
         num_levels: 1 (layer4 only, DETR) to 3 (layer2..4, Deformable DETR multi-scale).
         trainable_layers: stages that train, counted from the top (0: none, 3: layer2..4 as DETR,
             5: all including conv1). The others get ``requires_grad=False``.
-        dilation: replace layer4's stride by a dilation (DETR-DC5); Bottleneck ResNets only.
+        dilation: replace layer4's stride by a dilation (DETR-DC5): stride 16 instead of 32, the same
+            weights. torchvision dilates Bottleneck ResNets; BasicBlock ones (resnet18/34) are dilated
+            here the same way (``_dilate_basic_layer4``).
         frozen_batchnorm: use ``FrozenBatchNorm2d`` (statistics and affine fixed, as the papers);
             with plain BatchNorm, the BatchNorms of frozen stages still stay in eval mode.
         weights: a local torchvision ResNet state dict (``fc.*`` keys are ignored), or None.
@@ -69,12 +71,14 @@ class Backbone(nn.Module):
             raise ValueError(f"num_levels must be 1..{len(_OUTPUT_STAGES)}, got {num_levels}")
         if not 0 <= trainable_layers <= len(_STAGES_TOP_DOWN):
             raise ValueError(f"trainable_layers must be 0..{len(_STAGES_TOP_DOWN)}, got {trainable_layers}")
-        if dilation and name in ("resnet18", "resnet34"):
-            raise ValueError(f"dilation needs a Bottleneck ResNet (resnet50, resnet101), got {name}")
         norm_layer = FrozenBatchNorm2d if frozen_batchnorm else nn.BatchNorm2d
+        basic_block = name in ("resnet18", "resnet34")
         resnet = getattr(torchvision.models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer
+            weights=None, replace_stride_with_dilation=[False, False, dilation and not basic_block],
+            norm_layer=norm_layer,
         )
+        if dilation and basic_block:
+            _dilate_basic_layer4(resnet.layer4)
         if weights is not None:
             load_resnet_state_dict(resnet, Path(weights))
         self.trainable_prefixes = tuple(p for stage in _STAGES_TOP_DOWN[:trainable_layers] for p in stage)
@@ -104,6 +108,22 @@ class Backbone(nn.Module):
             level_mask = F.interpolate(mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
             out.append((feature, level_mask))
         return out
+
+
+def _dilate_basic_layer4(layer4: nn.Sequential) -> None:
+    """Trade layer4's stride 2 for dilation 2 in a BasicBlock ResNet, as torchvision's
+    ``replace_stride_with_dilation`` does for Bottleneck ones (torchvision refuses it for BasicBlock).
+
+    The first block's strided 3x3 conv and its 1x1 shortcut keep their weights at stride 1; every 3x3
+    conv after it sees a map twice as fine, so it samples every second pixel (dilation 2, padding 2).
+    In eval mode the result at even positions is exactly the strided network's output.
+    """
+    first = layer4[0]
+    first.conv1.stride = (1, 1)
+    first.downsample[0].stride = (1, 1)
+    for index, block in enumerate(layer4):
+        for conv in (block.conv2,) if index == 0 else (block.conv1, block.conv2):
+            conv.dilation, conv.padding = (2, 2), (2, 2)
 
 
 class Joiner(nn.Sequential):

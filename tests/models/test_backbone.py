@@ -22,6 +22,7 @@ from detr.models.build import build_model
         ("resnet50", 3, False, [8, 16, 32], [512, 1024, 2048]),
         ("resnet101", 2, False, [16, 32], [1024, 2048]),
         ("resnet50", 1, True, [16], [2048]),
+        ("resnet18", 2, True, [16, 16], [256, 512]),
     ],
 )
 def test_levels_strides_and_channels(name, levels, dilation, strides, channels):
@@ -151,9 +152,28 @@ def test_non_state_dict_is_rejected(tmp_path):
         Backbone("resnet18", weights=path)
 
 
-def test_dilation_with_basic_blocks_is_a_config_error():
-    with pytest.raises(ConfigError, match="dilation needs resnet50 or resnet101"):
-        load_config(None, ["model.backbone.name=resnet34", "model.backbone.dilation=true"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_dilated_layer4_at_even_positions_is_the_strided_network(name):
+    """Dilation is the a-trous form of the stride: with the same weights, in eval mode, the stride-16
+    map at every second position equals the stride-32 map. torchvision dilates resnet50 itself (the
+    check of the test); resnet18/34 are dilated by the backbone."""
+    torch.manual_seed(0)
+    strided = Backbone(name, trainable_layers=0, frozen_batchnorm=False).eval()
+    dilated = Backbone(name, trainable_layers=0, frozen_batchnorm=False, dilation=True).eval()
+    for module in strided.modules():  # non-trivial statistics, so BatchNorm is not the identity
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    dilated.load_state_dict(strided.state_dict())
+    strided, dilated = strided.double(), dilated.double()  # dilated and strided convs round differently
+    images = torch.randn(1, 3, 128, 96, dtype=torch.float64)
+    mask = torch.zeros(1, 128, 96, dtype=torch.bool)
+    with torch.no_grad():
+        [(coarse, _)] = strided(images, mask)
+        [(fine, fine_mask)] = dilated(images, mask)
+    assert coarse.shape[-2:] == (4, 3) and fine.shape[-2:] == (8, 6) and fine_mask.shape[-2:] == (8, 6)
+    torch.testing.assert_close(fine[..., ::2, ::2], coarse, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(fine[..., 1::2, 1::2], coarse, atol=1e-3)  # the new positions are new
 
 
 def test_nothing_is_downloaded(monkeypatch):
