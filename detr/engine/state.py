@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -57,3 +58,26 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state in rank order; ``[own state]`` without a process group.
+
+    A collective: every rank calls it at the same point. The ranks' streams differ (each draws for
+    its own images: random sizes, dropout over tensors of its own shapes), so a restarted rank must
+    continue its own stream, not rank 0's.
+    """
+    own = capture_rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [own]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, own)
+    return states
+
+
+def restore_own_rng_state(checkpoint: dict[str, Any]) -> None:
+    """Restore this rank's stream from a checkpoint: ``rng_ranks[rank]`` when it was written by as many
+    ranks as run now, else ``rng`` (rank 0's; a resume on another number of ranks cannot be exact)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    per_rank = checkpoint.get("rng_ranks")
+    restore_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else checkpoint["rng"])

@@ -22,7 +22,7 @@ from detr.checkpoints.format import CheckpointDirectory
 from detr.engine.callbacks import Callback
 from detr.engine.evaluation import Evaluator
 from detr.engine.sampler import ResumableSampler
-from detr.engine.state import TrainingState, capture_rng_state, restore_rng_state
+from detr.engine.state import TrainingState, capture_rng_state, gather_rng_states, restore_own_rng_state
 from detr.errors import DetrError
 
 
@@ -129,8 +129,11 @@ class Trainer:
         with self._autocast():
             return evaluate_model(model, self.val_loader, self.postprocess, self.evaluator, self.device)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rng_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything a resume needs. ``rng_states``: every rank's (``gather_rng_states``), stored as
+        ``rng_ranks`` when there are several; ``rng`` is rank 0's (or this process's) either way."""
         model = self.model.module if hasattr(self.model, "module") else self.model
+        rng_states = rng_states or [capture_rng_state()]
         return {
             "model": model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -139,7 +142,8 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "training_state": asdict(self.state),
             "sampler": self.sampler.state_dict(),
-            "rng": capture_rng_state(),
+            "rng": rng_states[0],
+            **({"rng_ranks": rng_states} if len(rng_states) > 1 else {}),
             "skipped_batches": self.skipped_batches,
             **self.extra_state,
         }
@@ -157,7 +161,7 @@ class Trainer:
             self.ema.load_state_dict(data["ema"])
         self.state = TrainingState(**data["training_state"])
         self.skipped_batches = data.get("skipped_batches", 0)
-        restore_rng_state(data["rng"])
+        restore_own_rng_state(data)
         self.last_checkpoint = Path(path)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -262,20 +266,28 @@ class Trainer:
         return metrics
 
     def _save_epoch_checkpoints(self, metrics: dict[str, float]) -> None:
-        self._save("epoch")
         if self.checkpoints is None:
             return
+        rng_states = gather_rng_states()  # every rank, before rank 0 writes (the metrics are every rank's)
+        self._save("epoch", rng_states)
         value = metrics.get(self.settings.best_metric)
         if value is not None and self.checkpoints.is_better(value, self.state.best_metric):
             self.state.best_metric = value
             if self.is_main:
-                path = self.checkpoints.save_best(self.state_dict())
+                path = self.checkpoints.save_best(self.state_dict(rng_states))
                 self._emit("on_checkpoint", self.state, path, "best")
 
-    def _save(self, kind: str) -> Path | None:
-        if self.checkpoints is None or not self.is_main:
+    def _save(self, kind: str, rng_states: list[dict[str, Any]] | None = None) -> Path | None:
+        """Rank 0 writes a checkpoint. Step and epoch checkpoints are reached by every rank at the same
+        step and carry every rank's RNG state; an interrupt reaches the ranks at different moments, so
+        its checkpoint has rank 0's only (no collective there: it could wait forever)."""
+        if self.checkpoints is None:
             return None
-        path = self.checkpoints.save(self.state_dict(), self.state.step)
+        if rng_states is None and kind != "interrupt":
+            rng_states = gather_rng_states()
+        if not self.is_main:
+            return None
+        path = self.checkpoints.save(self.state_dict(rng_states), self.state.step)
         self.last_checkpoint = path
         self._emit("on_checkpoint", self.state, path, kind)
         return path

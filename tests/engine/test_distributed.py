@@ -157,6 +157,8 @@ def test_two_processes_at_batch_b_train_like_one_process_at_2b(small_synth_dir, 
     # Validation images were split across the ranks and gathered: each counted once.
     last = load_checkpoint(sorted(ddp_dir.glob("step-*.pt"))[-1])
     assert last["training_state"]["metrics"]["eval/images"] == NUM_VAL
+    # Each rank's random stream is in the checkpoint, for a resume in which each continues its own.
+    assert len(last["rng_ranks"]) == 2 and torch.equal(last["rng_ranks"][0]["torch"], last["rng"]["torch"])
 
     # -- only rank 0 writes checkpoints and logs -------------------------------------------------
     records = [line.split(" ", 2) for line in write_log.read_text().splitlines()]
