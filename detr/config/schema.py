@@ -157,6 +157,15 @@ class DetrConfig(Section):
     # Queries from the top encoder proposals instead of learned ones (detr/models/detr.py says
     # how); learns in far fewer steps, but official DETR checkpoints have no such heads.
     two_stage: bool = False
+    # Two-stage: a query's content also takes the encoder feature of its position (Efficient DETR,
+    # RT-DETR), so the class the encoder head sees there reaches the decoder directly.
+    encoder_content: bool = False
+
+    @model_validator(mode="after")
+    def _encoder_content_needs_two_stage(self) -> DetrConfig:
+        if self.encoder_content and not self.two_stage:
+            raise ValueError("encoder_content needs two_stage: true (learned queries have no encoder position)")
+        return self
 
 
 class MatcherConfig(Section):

@@ -91,7 +91,7 @@ def _build_detr(mc: ModelConfig, num_classes: int) -> DETR:
         normalize_before=mc.pre_norm,
     )
     return DETR(backbone, transformer, num_classes, mc.num_queries, aux_loss=mc.aux_loss, two_stage=mc.detr.two_stage,
-                aids=_training_aids(mc))
+                encoder_content=mc.detr.encoder_content, aids=_training_aids(mc))
 
 
 def _build_deformable_detr(mc: ModelConfig, num_classes: int) -> DeformableDETR:

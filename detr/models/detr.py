@@ -45,6 +45,8 @@ class DETR(nn.Module):
         num_queries: Q object queries, the most objects one image can have.
         aux_loss: also return the predictions of every decoder layer (``aux_outputs``).
         two_stage: queries from the top-Q encoder proposals (adds ``enc_outputs``; see the module doc).
+        encoder_content: two-stage only: a query's content also takes the encoder feature of its
+            position (Efficient DETR, RT-DETR), not only its box's embedding (Deformable DETR).
         aids: training aids (see the module doc); off by default.
     """
 
@@ -52,7 +54,7 @@ class DETR(nn.Module):
     class_activation = "softmax"
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_classes: int, num_queries: int,
-                 aux_loss: bool = True, two_stage: bool = False,
+                 aux_loss: bool = True, two_stage: bool = False, encoder_content: bool = False,
                  aids: TrainingAidSettings = TrainingAidSettings()) -> None:
         super().__init__()
         hidden_dim = transformer.d_model
@@ -63,8 +65,10 @@ class DETR(nn.Module):
         self.transformer = transformer
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        if encoder_content and not two_stage:
+            raise ValueError("encoder_content needs two_stage: learned queries have no encoder position")
         if two_stage:
-            self.proposals = EncoderProposals(hidden_dim, num_classes)
+            self.proposals = EncoderProposals(hidden_dim, num_classes, encoder_content=encoder_content)
             # Zero offsets at the start: each query's first box is its proposal.
             nn.init.zeros_(self.bbox_embed.layers[-1].weight)
             nn.init.zeros_(self.bbox_embed.layers[-1].bias)
@@ -164,11 +168,18 @@ class SelectedQueries(NamedTuple):
 class EncoderProposals(nn.Module):
     """Two-stage DETR's encoder head: a class and a refined box per encoder position, and the top-Q
     positions by their best real-class probability as decoder queries (through a sine embedding
-    of their boxes, as two-stage Deformable DETR)."""
+    of their boxes, as two-stage Deformable DETR).
 
-    def __init__(self, hidden_dim: int, num_classes: int) -> None:
+    With ``encoder_content`` a query's content is its box embedding plus the encoder head's feature
+    at its position (Efficient DETR, RT-DETR): what the encoder head knows of the object there (its
+    class above all) reaches the decoder directly, where the box embedding alone leaves the decoder
+    to find it again by global cross-attention.
+    """
+
+    def __init__(self, hidden_dim: int, num_classes: int, encoder_content: bool = False) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim
+        self.encoder_content = encoder_content
         self.enc_output = nn.Linear(hidden_dim, hidden_dim)
         self.enc_output_norm = nn.LayerNorm(hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
@@ -199,6 +210,8 @@ class EncoderProposals(nn.Module):
         # some queries a padding position: they start from the whole-image box, not from +inf.
         boxes_unact = boxes_unact.masked_fill(boxes_unact.isinf(), 0.0)
         query_pos, content = self.embed(boxes_unact)
+        if self.encoder_content:
+            content = content + torch.gather(hidden, 1, top.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return SelectedQueries(content, query_pos, boxes_unact, enc_logits, enc_boxes_unact.sigmoid())
 
     def embed(self, boxes_unact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
