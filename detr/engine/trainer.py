@@ -110,8 +110,12 @@ class Trainer:
                 self._train_one_epoch()
                 metrics = self._maybe_evaluate()
                 self.state.metrics.update(metrics)
+                # Every rank's RNG state for this epoch's checkpoints, gathered BEFORE the callbacks:
+                # one may wait for the other ranks (Ray Train's report does), and a collective that
+                # rank 0 entered after it would never meet the others.
+                rng_states = gather_rng_states() if self.checkpoints is not None else None
                 self._emit("on_epoch_end", self.state, metrics)
-                self._save_epoch_checkpoints(metrics)
+                self._save_epoch_checkpoints(metrics, rng_states)
             status = "finished"
         except KeyboardInterrupt:
             status = "interrupted"
@@ -265,10 +269,9 @@ class Trainer:
             metrics["train/skipped_batches"] = float(self.skipped_batches)
         return metrics
 
-    def _save_epoch_checkpoints(self, metrics: dict[str, float]) -> None:
+    def _save_epoch_checkpoints(self, metrics: dict[str, float], rng_states: list[dict[str, Any]] | None) -> None:
         if self.checkpoints is None:
             return
-        rng_states = gather_rng_states()  # every rank, before rank 0 writes (the metrics are every rank's)
         self._save("epoch", rng_states)
         value = metrics.get(self.settings.best_metric)
         if value is not None and self.checkpoints.is_better(value, self.state.best_metric):

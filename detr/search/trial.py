@@ -29,6 +29,11 @@ from detr.tracking import clean_metrics
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the one file in every checkpoint a trial reports
 EPOCH_LOSS = "train/loss_mean"  # mean training loss of the epoch, reported next to the evaluation
+# The epoch's report, kept in the epoch's checkpoint (the trainer's extra state): a trial continued
+# from that checkpoint can hand it on when the report itself never reached the search's driver.
+EPOCH_REPORT = "epoch_report"
+# Prefix, in a report, of the report of the epoch the trial continued from (detr.search.trial_runs).
+RESTORED_PREFIX = "restored/"
 
 
 @contextmanager
@@ -126,6 +131,8 @@ class ReportEachEpoch(Callback):
             reported[EPOCH_LOSS] = sum(self._losses) / len(self._losses)
         reported[self.metric] = float(metrics.get(self.metric, reported.get(self.metric, float("nan"))))
         self._pending = {**reported, "epoch": state.epoch, **where_this_runs()}
+        trainer.extra_state[EPOCH_REPORT] = {k: v for k, v in self._pending.items()
+                                             if isinstance(v, (int, float)) and not k.startswith("worker/")}
         self._losses = []
         if not trainer.is_main:
             self.report(self._pending, None)

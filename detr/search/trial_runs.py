@@ -13,6 +13,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS, TIME_TOTAL_S, TRAINING_ITERATION
 
 from detr.search.runs import RESTARTS, TRIAL_ID_TAG
+from detr.search.trial import RESTORED_PREFIX
 
 WHERE_PREFIX = "worker/"  # the node and process a report came from: in Ray's results, not metrics
 
@@ -32,6 +33,10 @@ class TrialRunLogger(MLflowLoggerCallback):
     Ray registers a reported checkpoint in a second step after the result; a search interrupted
     in between restores the trial from the checkpoint before, and the trial reports that epoch
     again, with the same numbers (resuming is exact). The run keeps the first.
+
+    A multi-worker trial continues from the newest checkpoint of its own Ray Train run, whose report
+    can be the one an interruption kept from this logger; its first report then carries that epoch's
+    report under ``restored/`` keys, logged here at its epoch unless it was logged already.
     """
 
     def setup(self, *args, **kwargs) -> None:
@@ -55,7 +60,13 @@ class TrialRunLogger(MLflowLoggerCallback):
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         # Ray's logger writes metric by metric (about a second per report on SQLite) and includes
         # its bookkeeping (pid, host, timestamps, the config again); the epoch is the step.
-        step = int(result.get("epoch", result[TRAINING_ITERATION]))
+        restored = {k.removeprefix(RESTORED_PREFIX): v for k, v in result.items() if k.startswith(RESTORED_PREFIX)}
+        if "epoch" in restored:
+            self._log_epoch(trial, int(restored["epoch"]), restored)
+        self._log_epoch(trial, int(result.get("epoch", result[TRAINING_ITERATION])),
+                        {k: v for k, v in result.items() if not k.startswith(RESTORED_PREFIX)})
+
+    def _log_epoch(self, trial, step: int, result: dict) -> None:
         if step <= self._logged_epochs.get(trial, 0):
             return
         now = int(time.time() * 1000)

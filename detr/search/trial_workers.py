@@ -9,7 +9,10 @@ from the trial's last reported checkpoint, and the training continues exactly (t
 every RNG and the sampler's position). The trial's driver counts the restarts and reports them with
 every epoch as ``trial/restarts``. Ray Train keeps the trial's checkpoints in its own run, named
 after the trial in the search's storage: a restored search starts the trial's trainer again under
-that name, and Ray Train continues it from the newest checkpoint there.
+that name, and Ray Train continues it from the newest checkpoint there. That checkpoint's report
+may never have reached the search's driver (it was on its way when the search was interrupted), so
+the first report after a restore carries it along (``restored/`` keys, from the checkpoint), and
+the driver logs it if it has not already (``detr.search.trial_runs``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from detr.run import train_from_config
 from detr.search.runs import RESTARTS  # reported with every epoch of a multi-worker trial: its restarts so far
 from detr.search.ray_train import WorkerGroup, enter_launch_directory, worker_error
-from detr.search.trial import CHECKPOINT_FILE, ReportEachEpoch, trial_config
+from detr.checkpoints.format import load_checkpoint
+from detr.search.trial import CHECKPOINT_FILE, EPOCH_REPORT, RESTORED_PREFIX, ReportEachEpoch, trial_config
 
 PLACEMENT_GROUP = "worker/placement_group"  # in each report: the placement group of the trial's workers
 TRAIN_RUNS = "train_runs"  # the folder of the search's storage that holds Ray Train's runs, one per trial
@@ -92,26 +96,38 @@ def _trial_worker(loop_config: dict[str, Any]) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     resume = None
+    restored_report: dict[str, Any] = {}
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
             resume = Path(shutil.copy2(Path(directory) / CHECKPOINT_FILE, scratch / "restored.pt"))
+        restored_report = load_checkpoint(resume).get(EPOCH_REPORT) or {}
     overrides = {**loop_config["fixed"], **loop_config["sampled"], "train.checkpoint.dir": str(scratch),
                  "train.checkpoint.keep_last": 1}
     config = trial_config(loop_config["base_config"], overrides, root=Path(loop_config["root"]),
                           source=f"trial {loop_config['trial_name']}")
     try:
-        train_from_config(config, resume=resume, callbacks=[ReportEachEpoch(loop_config["metric"], _report_to_train)],
+        report = _ReportToTrain({f"{RESTORED_PREFIX}{k}": v for k, v in restored_report.items()})
+        train_from_config(config, resume=resume, callbacks=[ReportEachEpoch(loop_config["metric"], report)],
                           track=False, progress=False)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _report_to_train(metrics: dict[str, Any], checkpoint_directory: str | None) -> None:
-    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_directory) if checkpoint_directory else None
-    placement_group = ray.util.get_current_placement_group()
-    ray.train.report({**metrics, PLACEMENT_GROUP: placement_group.id.hex() if placement_group else None},
-                     checkpoint=checkpoint)
+class _ReportToTrain:
+    """``ray.train.report`` of an epoch; the first one after a restore also carries ``restored``,
+    the report of the epoch the trial continued from (``restored/`` keys)."""
+
+    def __init__(self, restored: dict[str, Any]) -> None:
+        self.restored = restored
+
+    def __call__(self, metrics: dict[str, Any], checkpoint_directory: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_directory) if checkpoint_directory else None
+        placement_group = ray.util.get_current_placement_group()
+        ray.train.report({**metrics, **self.restored,
+                          PLACEMENT_GROUP: placement_group.id.hex() if placement_group else None},
+                         checkpoint=checkpoint)
+        self.restored = {}
 
 
 class ReleaseWorkerResources(tune.Callback):

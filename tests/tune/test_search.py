@@ -126,9 +126,12 @@ def write_micro_config(micro_data: Path, tmp_path: Path, tracking_uri: str) -> P
 
 
 @pytest.mark.slow
-def test_an_interrupted_search_resumes_each_trial_from_its_checkpoint(micro_data, tmp_path, tracking_uri, capsys):
+@pytest.mark.parametrize("workers_per_trial", [1, 2])
+def test_an_interrupted_search_resumes_each_trial_from_its_checkpoint(micro_data, tmp_path, tracking_uri, capsys,
+                                                                      workers_per_trial):
     """Ctrl-C once a trial's second epoch has reached the driver, then `detr tune --resume`: the same
-    sweep run and child runs carry on, and a restored trial goes on from its checkpoint, exactly."""
+    sweep run and child runs carry on, and a restored trial goes on from its checkpoint, exactly.
+    With two workers per trial each trial is a Ray Train TorchTrainer restored from that checkpoint."""
     # Six epochs and Ctrl-C after the second: four epochs (several seconds) of margin for the signal
     # to land while both trials still run, however fast the machine.
     epochs = 6
@@ -141,6 +144,8 @@ def test_an_interrupted_search_resumes_each_trial_from_its_checkpoint(micro_data
     command = [sys.executable, "-m", "detr.cli", "tune", str(config), "--space", str(space), "--samples", "1",
                "--max-concurrent", "2", "--metric", METRIC, "--mode", "min", "--grace-period", str(epochs),
                "--name", "resumable", "--storage", str(storage)]
+    if workers_per_trial > 1:
+        command += ["--workers-per-trial", str(workers_per_trial), "--cpus-per-worker", "0.5"]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     with (tmp_path / "first.log").open("w") as log:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -190,6 +195,10 @@ def test_an_interrupted_search_resumes_each_trial_from_its_checkpoint(micro_data
         for report in reports:
             assert first.setdefault(report["epoch"], report[METRIC]) == report[METRIC]
     assert restored, "no trial continued from a checkpoint"
+    if workers_per_trial > 1:
+        # The repeated epochs above matched; bitwise weights of a restored multi-worker trial against
+        # an uninterrupted one: tests/scaleout/test_trial_workers.py.
+        return
     lr, trial_dir = restored[0]
     resumed_weights = final_trial_weights(trial_dir)
     # Exactly: the same weights as the same trial trained without a break (one thread, as in a trial).
