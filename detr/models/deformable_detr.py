@@ -31,10 +31,10 @@ from detr.models.backbone import Joiner
 from detr.models.deformable_transformer import DeformableTransformer
 from detr.models.heads import MLP, inverse_sigmoid
 from detr.models.inputs import check_model_inputs
-from detr.models.training_queries import TrainingAids, TrainingAidSettings, make_training_aid_keys_optional
+from detr.models.training_queries import TrainingAids, TrainingAidSettings, TrainsWithAids
 
 
-class DeformableDETR(nn.Module):
+class DeformableDETR(TrainsWithAids, nn.Module):
     """Args:
         backbone: a ``Joiner`` returning min(num_feature_levels, 3) levels.
         transformer: the ``DeformableTransformer`` (built with the same levels and two-stage flag).
@@ -102,20 +102,10 @@ class DeformableDETR(nn.Module):
             # Reference points are already boxes: predict pure deltas.
             for head in self.bbox_embed:
                 nn.init.constant_(head.layers[-1].bias[2:], 0.0)
-        # Last, so the inference parameters draw the same random numbers with or without aids.
-        if aids.any:
-            if aids.denoising is not None and not two_stage:
-                raise ValueError("denoising needs two-stage Deformable DETR (box reference points)")
-            self.training_aids = TrainingAids(aids, num_classes=num_classes, hidden_dim=hidden_dim,
-                                              query_dim=2 * hidden_dim, num_queries=self.num_queries,
-                                              learned_queries=not two_stage)
-        make_training_aid_keys_optional(self)
-
-    @property
-    def trains_with_targets(self) -> bool:
-        """The training forward takes the targets (denoising queries are built from them)."""
-        aids = getattr(self, "training_aids", None)
-        return aids is not None and aids.denoising is not None
+        # Last (see TrainsWithAids).
+        self._attach_training_aids(aids, num_classes=num_classes, hidden_dim=hidden_dim, query_dim=2 * hidden_dim,
+                                   num_queries=self.num_queries, two_stage=two_stage,
+                                   box_queries="two-stage Deformable DETR (box reference points)")
 
     @staticmethod
     def _input_projections(channels: list[int], hidden_dim: int, num_levels: int) -> list[nn.Module]:

@@ -30,14 +30,14 @@ from detr.models.backbone import Joiner
 from detr.models.heads import MLP
 from detr.models.inputs import check_model_inputs
 from detr.models.proposals import box_sine_embedding, grid_proposals
-from detr.models.training_queries import TrainingAids, TrainingAidSettings, make_training_aid_keys_optional
+from detr.models.training_queries import TrainingAids, TrainingAidSettings, TrainsWithAids
 from detr.models.transformer import Transformer
 
 # Proposal size on DETR's stride-32 map: Deformable DETR's 0.05 * 2^level with level 0 at stride 8.
 _PROPOSAL_SIZE = 0.2
 
 
-class DETR(nn.Module):
+class DETR(TrainsWithAids, nn.Module):
     """Args:
         backbone: a ``Joiner`` returning one level (layer4).
         transformer: the DETR ``Transformer``.
@@ -76,20 +76,10 @@ class DETR(nn.Module):
             self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.input_proj = nn.Conv2d(backbone.num_channels[-1], hidden_dim, kernel_size=1)
         self.backbone = backbone
-        # Last, so the inference parameters draw the same random numbers with or without aids.
-        if aids.any:
-            if aids.denoising is not None and not two_stage:
-                raise ValueError("denoising needs two-stage DETR (box queries)")
-            self.training_aids = TrainingAids(aids, num_classes=num_classes, hidden_dim=hidden_dim,
-                                              query_dim=hidden_dim, num_queries=num_queries,
-                                              learned_queries=not two_stage)
-        make_training_aid_keys_optional(self)
-
-    @property
-    def trains_with_targets(self) -> bool:
-        """The training forward takes the targets (denoising queries are built from them)."""
-        aids = getattr(self, "training_aids", None)
-        return aids is not None and aids.denoising is not None
+        # Last (see TrainsWithAids).
+        self._attach_training_aids(aids, num_classes=num_classes, hidden_dim=hidden_dim, query_dim=hidden_dim,
+                                   num_queries=num_queries, two_stage=two_stage,
+                                   box_queries="two-stage DETR (box queries)")
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None,
                 targets: list[dict] | None = None) -> dict:

@@ -164,6 +164,30 @@ def _prediction_set(logits: torch.Tensor, boxes: torch.Tensor, aux_loss: bool) -
     return out
 
 
+class TrainsWithAids:
+    """What DETR and Deformable DETR share about their training aids: building them, last (so the
+    inference parameters draw the same random numbers with or without aids), and loading state
+    dicts with or without them."""
+
+    def _attach_training_aids(self, aids: TrainingAidSettings, *, num_classes: int, hidden_dim: int,
+                              query_dim: int, num_queries: int, two_stage: bool, box_queries: str) -> None:
+        """``query_dim``: the width of a learned query; ``box_queries``: what denoising needs, named
+        in the error when it is asked for without two-stage."""
+        if aids.any:
+            if aids.denoising is not None and not two_stage:
+                raise ValueError(f"denoising needs {box_queries}")
+            self.training_aids = TrainingAids(aids, num_classes=num_classes, hidden_dim=hidden_dim,
+                                              query_dim=query_dim, num_queries=num_queries,
+                                              learned_queries=not two_stage)
+        make_training_aid_keys_optional(self)
+
+    @property
+    def trains_with_targets(self) -> bool:
+        """The training forward takes the targets (denoising queries are built from them)."""
+        aids = getattr(self, "training_aids", None)
+        return aids is not None and aids.denoising is not None
+
+
 def make_training_aid_keys_optional(model: nn.Module) -> None:
     """State dicts load whether or not they hold ``training_aids.`` entries: a checkpoint trained
     with the aids loads into a model built without them (the entries are dropped), and a plain
