@@ -199,7 +199,7 @@ class Trainer:
             bar.set_postfix(loss=f"{losses['loss']:.3f}", img_s=f"{images_seen / (time.perf_counter() - start):.1f}")
             every = self.settings.checkpoint_every_steps
             if every and self.state.step % every == 0:
-                self._save("step")
+                self._save("step", gather_rng_states())
         bar.close()
         # A tail shorter than grad_accum_steps is dropped, as a sampler with drop_last would.
         self.state.epoch += 1
@@ -282,13 +282,9 @@ class Trainer:
 
     def _save(self, kind: str, rng_states: list[dict[str, Any]] | None = None) -> Path | None:
         """Rank 0 writes a checkpoint. Step and epoch checkpoints are reached by every rank at the same
-        step and carry every rank's RNG state; an interrupt reaches the ranks at different moments, so
-        its checkpoint has rank 0's only (no collective there: it could wait forever)."""
-        if self.checkpoints is None:
-            return None
-        if rng_states is None and kind != "interrupt":
-            rng_states = gather_rng_states()
-        if not self.is_main:
+        step and get every rank's RNG state from their callers; an interrupt reaches the ranks at
+        different moments, so its checkpoint has rank 0's only (a collective there could wait forever)."""
+        if self.checkpoints is None or not self.is_main:
             return None
         path = self.checkpoints.save(self.state_dict(rng_states), self.state.step)
         self.last_checkpoint = path

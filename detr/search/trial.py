@@ -34,6 +34,7 @@ EPOCH_LOSS = "train/loss_mean"  # mean training loss of the epoch, reported next
 EPOCH_REPORT = "epoch_report"
 # Prefix, in a report, of the report of the epoch the trial continued from (detr.search.trial_runs).
 RESTORED_PREFIX = "restored/"
+WHERE_PREFIX = "worker/"  # the node and process a report came from: in Ray's results, not metrics
 
 
 @contextmanager
@@ -93,7 +94,7 @@ def trial_config(base_config: Mapping[str, Any], overrides: Mapping[str, Any], *
 def where_this_runs() -> dict[str, Any]:
     """The node and process of this worker, in its reports: which node a trial ran on, which process
     to look at (``worker/`` keys are not logged as metrics)."""
-    return {"worker/node_id": ray.get_runtime_context().get_node_id(), "worker/pid": os.getpid()}
+    return {f"{WHERE_PREFIX}node_id": ray.get_runtime_context().get_node_id(), f"{WHERE_PREFIX}pid": os.getpid()}
 
 
 def report_to_tune(metrics: dict[str, Any], checkpoint_directory: str | None) -> None:
@@ -132,7 +133,7 @@ class ReportEachEpoch(Callback):
         reported[self.metric] = float(metrics.get(self.metric, reported.get(self.metric, float("nan"))))
         self._pending = {**reported, "epoch": state.epoch, **where_this_runs()}
         trainer.extra_state[EPOCH_REPORT] = {k: v for k, v in self._pending.items()
-                                             if isinstance(v, (int, float)) and not k.startswith("worker/")}
+                                             if isinstance(v, (int, float)) and not k.startswith(WHERE_PREFIX)}
         self._losses = []
         if not trainer.is_main:
             self.report(self._pending, None)

@@ -13,9 +13,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS, TIME_TOTAL_S, TRAINING_ITERATION
 
 from detr.search.runs import RESTARTS, TRIAL_ID_TAG
-from detr.search.trial import RESTORED_PREFIX
-
-WHERE_PREFIX = "worker/"  # the node and process a report came from: in Ray's results, not metrics
+from detr.search.trial import RESTORED_PREFIX, WHERE_PREFIX
 
 
 def trial_run_logger(sweep_run_id: str) -> TrialRunLogger:

@@ -32,9 +32,16 @@ from detr.run import train_from_config
 from detr.search.runs import RESTARTS  # reported with every epoch of a multi-worker trial: its restarts so far
 from detr.search.ray_train import WorkerGroup, enter_launch_directory, worker_error
 from detr.checkpoints.format import load_checkpoint
-from detr.search.trial import CHECKPOINT_FILE, EPOCH_REPORT, RESTORED_PREFIX, ReportEachEpoch, trial_config
+from detr.search.trial import (
+    CHECKPOINT_FILE,
+    EPOCH_REPORT,
+    RESTORED_PREFIX,
+    WHERE_PREFIX,
+    ReportEachEpoch,
+    trial_config,
+)
 
-PLACEMENT_GROUP = "worker/placement_group"  # in each report: the placement group of the trial's workers
+PLACEMENT_GROUP = f"{WHERE_PREFIX}placement_group"  # in each report: the placement group of the trial's workers
 TRAIN_RUNS = "train_runs"  # the folder of the search's storage that holds Ray Train's runs, one per trial
 
 
@@ -101,7 +108,8 @@ def _trial_worker(loop_config: dict[str, Any]) -> None:
     if restored is not None:
         with restored.as_directory() as directory:
             resume = Path(shutil.copy2(Path(directory) / CHECKPOINT_FILE, scratch / "restored.pt"))
-        restored_report = load_checkpoint(resume).get(EPOCH_REPORT) or {}
+        if rank == 0:  # Tune gets rank 0's reports only
+            restored_report = load_checkpoint(resume).get(EPOCH_REPORT) or {}
     overrides = {**loop_config["fixed"], **loop_config["sampled"], "train.checkpoint.dir": str(scratch),
                  "train.checkpoint.keep_last": 1}
     config = trial_config(loop_config["base_config"], overrides, root=Path(loop_config["root"]),
