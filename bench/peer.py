@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -58,6 +59,22 @@ def build_peer(arch: str, seed: int = 0):
                                                decoder_n_points=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
                                                **common)
     return transformers.DeformableDetrForObjectDetection(config)
+
+
+def train_official_backbone_stages(peer, ours) -> None:
+    """Make transformers train the backbone parameters that official DETR (and ours) trains.
+
+    transformers means to train ResNet stages 2-4 (official DETR's layer2-layer4) but tests its own
+    ResNet's parameter names ("...stages.1...") for "stage.1", so its whole backbone stays frozen and
+    its backward skips every backbone weight gradient. Unfrozen here, both steps do the same work;
+    the counts of trainable parameters must then be equal.
+    """
+    for name, parameter in peer.named_parameters():
+        if re.search(r"backbone\..*\.stages\.[123]\.", name):
+            parameter.requires_grad_(True)
+    counts = [sum(p.numel() for p in model.parameters() if p.requires_grad) for model in (ours, peer)]
+    if counts[0] != counts[1]:
+        raise SystemExit(f"trainable parameters differ: ours {counts[0]}, transformers {counts[1]}")
 
 
 def ours_from(peer, workdir: Path):
@@ -141,6 +158,7 @@ def bench_arch(arch: str, size: tuple[int, int], count: int, repeats: int) -> No
           f"transformers differ by at most {difference:.1e} (eval, batch {count} at {size[0]}x{size[1]})", flush=True)
     if difference > TOLERANCE:
         raise SystemExit(f"{arch}: outputs differ by {difference:.2e} > {TOLERANCE}: the models are not the same")
+    train_official_backbone_stages(peer, ours)
 
     # Training changes the weights; each runner trains its own copy from the same start.
     runners = {"native": (our_runner("ours", ours, config), "native"),
