@@ -10,7 +10,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from detr.config import ModelConfig, load_config
 from detr.errors import CheckpointError, ConfigError
-from detr.models.backbone import Backbone
+from detr.models.backbone import Backbone, FusedFrozenBatchNorm2d
 from detr.models.build import build_model
 
 
@@ -64,6 +64,26 @@ def test_trainable_layers_freeze_the_lower_stages(trainable, stages):
     with torch.device("meta"):
         backbone = Backbone("resnet50", num_levels=1, trainable_layers=trainable)
     assert _stages_with_trainable_params(backbone) == stages
+
+
+def test_fused_frozen_batchnorm_equals_torchvisions_in_value_and_gradient():
+    """The one-pass form against torchvision's scale-and-shift, in float64: the output and the input's
+    gradient agree to float64 rounding, the state dict keys are the same, and its gradient is exact
+    (gradcheck)."""
+    torch.manual_seed(0)
+    reference, fused = FrozenBatchNorm2d(6), FusedFrozenBatchNorm2d(6)
+    reference.weight.normal_(), reference.bias.normal_(), reference.running_mean.normal_()
+    reference.running_var.uniform_(0.1, 3.0)
+    assert fused.state_dict().keys() == reference.state_dict().keys()
+    fused.load_state_dict(reference.state_dict())
+    reference, fused = reference.double(), fused.double()
+    x = torch.randn(3, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 6, 5, 7, dtype=torch.float64)
+    (expected_grad,) = torch.autograd.grad(reference(x), x, grad)
+    (got_grad,) = torch.autograd.grad(fused(x), x, grad)
+    torch.testing.assert_close(fused(x), reference(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(fused, (x[:1, :, :2, :3].detach().requires_grad_(),))
 
 
 def test_frozen_batchnorm_is_used_and_never_changes():
