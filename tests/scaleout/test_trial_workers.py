@@ -24,6 +24,7 @@ from tests.tune.conftest import EXPERIMENT, micro_search_config
 
 METRIC = "train/loss_mean"
 EPOCHS = 4
+TRAIN_COPIES = 5
 
 
 def reports(trial_dir: Path) -> list[dict]:
@@ -35,7 +36,13 @@ def reports(trial_dir: Path) -> list[dict]:
 def test_multi_worker_trials_survive_a_killed_worker_and_continue_exactly(micro_synth_dir, tmp_path, tracking_uri):
     # The micro model has dropout and random image sizes: each rank draws its own amount of randomness,
     # which the restarted rank must continue from the checkpoint (rng_ranks), not take from rank 0.
-    config = micro_search_config(micro_synth_dir, tmp_path, tracking_uri, **{"train.epochs": EPOCHS})
+    # Five copies of the 9 training images: epochs of about 10 s instead of 2. Tune writes a trial's
+    # result.json only when its driver takes the report from the trial, which lagged the worker's report
+    # by 8 s on a busy 2-core machine; with 2-s epochs the trial had ended before its first report was
+    # seen, and the worker to kill was gone.
+    copies = ", ".join([f"{{path: {micro_synth_dir}, format: coco, split: train}}"] * TRAIN_COPIES)
+    config = micro_search_config(micro_synth_dir, tmp_path, tracking_uri,
+                                 **{"train.epochs": EPOCHS, "data.train": f"{{sources: [{copies}]}}"})
     config_path = tmp_path / "micro.yaml"
     config_path.write_text(config.to_yaml())
     # Two identical trials (the second is the first without the kill), side by side on the two CPUs
@@ -63,7 +70,12 @@ def test_multi_worker_trials_survive_a_killed_worker_and_continue_exactly(micro_
             time.sleep(0.1)
         killed_trial = first[0]
         killed_pid = int(reports(killed_trial)[0]["worker/pid"])
-        os.kill(killed_pid, signal.SIGKILL)
+        try:
+            os.kill(killed_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pytest.fail(f"the rank 0 worker (pid {killed_pid}) of {killed_trial.name} had ended before its first "
+                        f"report reached Tune: the trial is too short for this test ({len(reports(killed_trial))} "
+                        "reports seen at once)")
         assert process.wait(timeout=400) == 0, log.read_text()[-4000:]
     finally:
         if process.poll() is None:
