@@ -68,3 +68,12 @@ def test_convergence_bench_plots_every_variant_and_logs_one_run(tmp_path):
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("detr-aids ", "deformable "))]
     assert [row[0] for row in rows] == ["detr-aids", "deformable"]
     assert "MLflow run" in done.stdout
+
+
+def test_frozen_batchnorm_bench_compares_equal_outputs():
+    done = _run("frozen_batchnorm.py", "--size", "64", "--batch", "1", "--rounds", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    difference = float(done.stdout.split("outputs differ by ")[1].split()[0])
+    assert difference < 1e-5
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("  ")]
+    assert [row[0] for row in rows] == ["forward", "forward+backward"]
