@@ -38,7 +38,8 @@ class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
     """torchvision's ``FrozenBatchNorm2d`` (same buffers, same state-dict keys, same result up to float32
     rounding) computed by ``F.batch_norm`` in inference mode: one fused pass over the feature map
     instead of torchvision's scale and shift as two, and one in the backward. A ResNet-50 has 53 of
-    them; bench/README.md ("FrozenBatchNorm") has the measured gain."""
+    them; ``bench/frozen_batchnorm.py`` measures the gain. Under autocast the result keeps the input's
+    dtype (torchvision's promotes bfloat16 features to float32 for the next convolution to cast back)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
