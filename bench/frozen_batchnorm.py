@@ -17,20 +17,22 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import resnet50
 from torchvision.ops import FrozenBatchNorm2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from detr.models.backbone import FusedFrozenBatchNorm2d  # noqa: E402
+from detr.models.backbone import Backbone, FusedFrozenBatchNorm2d  # noqa: E402
 
 
 def resnet50_body(norm_layer: type[nn.Module]) -> nn.Module:
+    """The project's DETR backbone body (ResNet-50, layer2-4 trainable) with its frozen BatchNorms
+    computed as ``norm_layer``'s (same buffers: only the forward differs)."""
     torch.manual_seed(0)
-    model = resnet50(weights=None, norm_layer=norm_layer)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(("layer2", "layer3", "layer4")))
-    return nn.Sequential(*list(model.children())[:-2])
+    body = Backbone("resnet50", num_levels=1, trainable_layers=3, frozen_batchnorm=True).body
+    for norm in body.modules():
+        if isinstance(norm, FrozenBatchNorm2d):
+            norm.__class__ = norm_layer
+    return body
 
 
 def seconds(fn) -> float:
@@ -53,7 +55,7 @@ def main() -> None:
     fused.load_state_dict(reference.state_dict())
     images = torch.randn(args.batch, 3, args.size, args.size)
     with torch.no_grad():
-        expected, got = reference(images), fused(images)
+        expected, got = reference(images)["0"], fused(images)["0"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ResNet-50 body, batch {args.batch} at "
           f"{args.size}x{args.size}; outputs differ by {((got - expected).abs().max() / expected.abs().max()):.1e} "
           "(relative to the largest)")
@@ -62,8 +64,8 @@ def main() -> None:
         with torch.no_grad():
             times["forward"].append(seconds(lambda: reference(images)))
             times["forward fused"].append(seconds(lambda: fused(images)))
-        times["train"].append(seconds(lambda: reference(images).sum().backward()))
-        times["train fused"].append(seconds(lambda: fused(images).sum().backward()))
+        times["train"].append(seconds(lambda: reference(images)["0"].sum().backward()))
+        times["train fused"].append(seconds(lambda: fused(images)["0"].sum().backward()))
     best = {k: min(v[1:]) for k, v in times.items()}
     for kind in ("forward", "train"):
         label = "forward" if kind == "forward" else "forward+backward"
