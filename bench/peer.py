@@ -16,6 +16,7 @@ Ratios above 1 mean ours is faster.
 
     python bench/peer.py                       # both architectures, batch 2 at 512x512, 3 timed runs
     python bench/peer.py --arch deformable_detr --size 320x320 --repeats 5 --threads 2
+    python bench/peer.py --channels-last       # ours with model.backbone.channels_last=true
 
 transformers is a bench extra (``pip install 'mlflow-detr[bench]'``). Results are in bench/README.md.
 """
@@ -77,13 +78,21 @@ def train_official_backbone_stages(peer, ours) -> None:
         raise SystemExit(f"trainable parameters differ: ours {counts[0]}, transformers {counts[1]}")
 
 
-def ours_from(peer, workdir: Path):
-    """Our model converted from the peer's saved weights (the converter users run)."""
+def ours_from(peer, workdir: Path, channels_last: bool = False):
+    """Our model converted from the peer's saved weights (the converter users run); with
+    ``channels_last``, the same weights in a model built with ``model.backbone.channels_last``."""
     from detr import convert_checkpoint, load_model
+    from detr.models.build import build_model
 
     peer.save_pretrained(workdir / "peer")
     checkpoint = convert_checkpoint(workdir / "peer", "hf", out=workdir / "ours.pt")
     model, config, _ = load_model(checkpoint)
+    if channels_last:
+        backbone = config.model.backbone.model_copy(update={"channels_last": True})
+        config = config.model_copy(update={"model": config.model.model_copy(update={"backbone": backbone})})
+        converted = model
+        model = build_model(config.model, NUM_CLASSES)
+        model.load_state_dict(converted.state_dict())
     return model, config
 
 
@@ -148,10 +157,10 @@ def timed(call, backend: str | None) -> float:
     return time.perf_counter() - started
 
 
-def bench_arch(arch: str, size: tuple[int, int], count: int, repeats: int) -> None:
+def bench_arch(arch: str, size: tuple[int, int], count: int, repeats: int, channels_last: bool = False) -> None:
     peer = build_peer(arch)
     with tempfile.TemporaryDirectory(prefix="peer-") as workdir:
-        ours, config = ours_from(peer, Path(workdir))
+        ours, config = ours_from(peer, Path(workdir), channels_last)
     images, masks, targets = random_batch(count, *size, torch.device("cpu"))
     difference = compare_outputs(ours, peer, images, masks)
     print(f"{arch}: {sum(p.numel() for p in ours.parameters()) / 1e6:.2f}M parameters; outputs of ours and "
@@ -193,6 +202,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="ours with its ResNet in channels-last memory (model.backbone.channels_last)")
     args = parser.parse_args()
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     if not archs or any(a not in ARCHS for a in archs):
@@ -209,9 +220,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} rounds; ratio = transformers time / ours", flush=True)
+          f"median of {args.repeats} rounds; ratio = transformers time / ours"
+          f"{'; ours channels-last' if args.channels_last else ''}", flush=True)
     for arch in archs:
-        bench_arch(arch, size, args.batch, args.repeats)
+        bench_arch(arch, size, args.batch, args.repeats, args.channels_last)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from detr.data.labelmap import LabelMap
 from detr.data.loader import build_loader
 from detr.data.sources import load_splits
 from detr.data.transforms import build_split_transforms
+from detr.engine.amp import resolve_amp
 from detr.engine.callbacks import Callback, EpochSummary
 from detr.engine.diagnostics import DiagnosticReport
 from detr.engine.distributed import DistributedContext, init_distributed, shutdown_distributed
@@ -223,7 +224,7 @@ def _build_trainer(
         epochs=train_cfg.epochs,
         grad_accum_steps=train_cfg.grad_accum_steps,
         clip_max_norm=train_cfg.clip_max_norm,
-        amp=train_cfg.amp,
+        amp=resolve_amp(train_cfg.amp, device),
         checkpoint_every_steps=train_cfg.checkpoint.every_steps,
         eval_every_epochs=train_cfg.eval_every_epochs,
         best_metric=train_cfg.checkpoint.best_metric,
@@ -276,7 +277,7 @@ def _mlflow_callback(config: Config, trainer: Trainer, train_set: DetectionDatas
             **({"validation": (val_set, [s.path for s in config.data.val.sources])} if val_set is not None else {}),
         },
         tags={"model_variant": variant, "backbone": config.model.backbone.name,
-              "msda_backend": choose_backend("auto", trainer.device.type)},
+              "msda_backend": choose_backend("auto", trainer.device.type), "amp": trainer.settings.amp},
         overlays=overlays,
         pr_curves=pr_curves,
         diagnostics=diagnostics,

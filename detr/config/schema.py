@@ -142,6 +142,9 @@ class BackboneConfig(Section):
     # DETR-DC5: layer4 dilated instead of strided (a stride-16 map instead of 32, the same weights).
     dilation: bool = False
     frozen_batchnorm: bool = True
+    # The ResNet in channels-last (NHWC) memory: the same model and weights, faster convolutions on
+    # CPUs (oneDNN, above all with train.amp=bf16) and on tensor-core GPUs.
+    channels_last: bool = False
 
 
 class DeformableConfig(Section):
@@ -311,7 +314,9 @@ class TrainConfig(Section):
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     clip_max_norm: Annotated[float, Field(ge=0)] = 0.1
     grad_accum_steps: PositiveInt = 1
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    # Autocast: bf16 (CPU or CUDA), fp16 (CUDA, with loss scaling), or auto: bf16 where the device
+    # computes it natively (CUDA compute capability >= 8.0; CPUs with AMX or AVX512-BF16), else none.
+    amp: Literal["none", "bf16", "fp16", "auto"] = "none"
     ema: EmaConfig = EmaConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -35,7 +35,7 @@ class TrainerSettings:
     epochs: int
     grad_accum_steps: int = 1
     clip_max_norm: float = 0.0
-    amp: str = "none"  # none | bf16 | fp16
+    amp: str = "none"  # none | bf16 | fp16 (train.amp=auto is resolved before, detr/engine/amp.py)
     checkpoint_every_steps: int = 0
     eval_every_epochs: int = 1
     best_metric: str = "coco/AP"

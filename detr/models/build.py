@@ -144,6 +144,7 @@ def _build_backbone(mc: ModelConfig, *, num_levels: int, deformable: bool) -> Jo
         dilation=b.dilation,
         frozen_batchnorm=b.frozen_batchnorm,
         weights=b.weights,
+        channels_last=b.channels_last,
     )
     return Joiner(body, build_position_encoding(mc.position_encoding, mc.hidden_dim, deformable=deformable))
 

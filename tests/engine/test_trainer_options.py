@@ -201,3 +201,36 @@ def test_ema_weights_are_checkpointed_evaluated_and_loaded(small_synth_dir, tmp_
     reported = evaluate_checkpoint(outcome.last_checkpoint, device="cpu", progress=False)
     for key, value in outcome.metrics.items():
         assert reported[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_amp_is_bf16_only_where_the_cpu_computes_it(small_synth_dir, tmp_path, monkeypatch, native_bf16):
+    """train.amp=auto trains in bfloat16 on a CPU with AMX or AVX512-BF16 and in float32 on one
+    without (where bfloat16 operators would be slow emulations)."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    output_dtypes: list[torch.dtype] = []
+
+    class WatchOutputs(Callback):
+        def on_train_start(self, trainer, state) -> None:
+            trainer.model.class_embed.register_forward_hook(lambda m, i, out: output_dtypes.append(out.dtype))
+
+    train_from_config(micro_config(small_synth_dir, tmp_path, **{"train.amp": "auto"}),
+                      callbacks=[WatchOutputs()], track=False, progress=False)
+    assert output_dtypes and set(output_dtypes) == {torch.bfloat16 if native_bf16 else torch.float32}
+
+
+def test_resolve_amp(monkeypatch):
+    from detr.engine.amp import resolve_amp
+
+    for amp in ("none", "bf16", "fp16"):
+        assert resolve_amp(amp, torch.device("cpu")) == amp
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    assert resolve_amp("auto", torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_amp("auto", torch.device("cuda")) == "none"  # emulated bfloat16 (before sm_80) is slow
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_amp("auto", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="amp must be one of none, bf16, fp16, auto, got 'half'"):
+        resolve_amp("half", torch.device("cpu"))

@@ -11,7 +11,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from detr.config import ModelConfig, load_config
 from detr.errors import CheckpointError, ConfigError
 from detr.models.backbone import Backbone, FusedFrozenBatchNorm2d
-from detr.models.build import build_model
+from detr.models.build import build_criterion, build_model
+from tests.models.conftest import random_targets, tiny_model_config
 
 
 @pytest.mark.parametrize(
@@ -208,3 +209,48 @@ def test_nothing_is_downloaded(monkeypatch):
             config = load_config(None, [f"model.backbone.name={name}", f"model.arch={arch}"])
             with torch.device("meta"):
                 build_model(config.model, 2)
+
+
+@pytest.mark.parametrize("variant", ["detr_two_stage", "deformable_two_stage"])
+def test_channels_last_is_the_same_model(variant):
+    """``model.backbone.channels_last`` changes the memory layout only: with the same weights, the
+    whole model's outputs and parameter gradients equal the default layout's (float64, trainable
+    BatchNorm in training mode), the state dicts are interchangeable, and the ResNet's weights and
+    features really are channels-last."""
+    def build(channels_last: bool) -> nn.Module:
+        torch.manual_seed(0)
+        config = tiny_model_config(variant, backbone={"name": "resnet18", "trainable_layers": 5,
+                                                      "frozen_batchnorm": False, "channels_last": channels_last})
+        return build_model(config, 3).double().train(), config
+
+    (plain, config), (nhwc, _) = build(False), build(True)
+    nhwc.load_state_dict(plain.state_dict())
+    body = nhwc.backbone[0]
+    assert body.channels_last and not plain.backbone[0].channels_last
+    assert body.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not body.body.conv1.weight.is_contiguous()
+    images = torch.randn(2, 3, 64, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    features = body(images, torch.zeros(2, 64, 96, dtype=torch.bool))
+    assert features[-1][0].is_contiguous(memory_format=torch.channels_last)
+
+    criterion = build_criterion(config, 3).double()
+    targets = random_targets([2, 3], 3)
+    targets = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
+    results = []
+    for model in (plain, nhwc):
+        outputs = model(images)
+        terms = criterion(outputs, targets)
+        loss = sum(terms[k] * criterion.weight_dict[k] for k in terms if k in criterion.weight_dict)
+        model.zero_grad()
+        loss.backward()
+        results.append((outputs, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out_plain, grads_plain), (out_nhwc, grads_nhwc) = results
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(out_nhwc[key], out_plain[key], rtol=1e-9, atol=1e-9)
+    assert grads_nhwc.keys() == grads_plain.keys() and len(grads_plain) > 50
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_nhwc[name], grad, rtol=1e-7, atol=1e-9, msg=name)
+    # Interchangeable checkpoints: the channels-last weights load into a default-layout model.
+    plain_again, _ = build(False)
+    plain_again.load_state_dict(nhwc.state_dict())
+    assert plain_again.backbone[0].body.conv1.weight.is_contiguous()

@@ -26,9 +26,9 @@ H, W = 64, 96
 ATOL = 1e-4
 
 
-def _model(variant: str) -> torch.nn.Module:
+def _model(variant: str, **changes) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(tiny_model_config(variant), 3).eval()
+    return build_model(tiny_model_config(variant, **changes), 3).eval()
 
 
 def _run(path, images: torch.Tensor) -> list[np.ndarray]:
@@ -50,6 +50,16 @@ def test_detr_dynamic_batch_and_size(variant, tmp_path):
     path = export_onnx(model, tmp_path / f"{variant}.onnx", (H, W))
     g = torch.Generator().manual_seed(1)
     for shape in ((1, 3, H, W), (3, 3, H, W), (2, 3, 96, 64), (1, 3, 128, 160)):
+        _assert_matches_eager(model, path, torch.randn(*shape, generator=g))
+
+
+def test_channels_last_backbone_exports_the_same_graph_function(tmp_path):
+    """The channels-last ResNet is a memory layout only: its export computes what the eager model does."""
+    model = _model("detr_two_stage", backbone={"name": "resnet18", "channels_last": True})
+    assert model.backbone[0].body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    path = export_onnx(model, tmp_path / "channels_last.onnx", (H, W))
+    g = torch.Generator().manual_seed(1)
+    for shape in ((1, 3, H, W), (2, 3, 96, 64)):
         _assert_matches_eager(model, path, torch.randn(*shape, generator=g))
 
 
