@@ -11,7 +11,7 @@ from detr.ops.reference import ms_deform_attn_reference
 from .msda_helpers import case_inputs
 
 # (levels, batch, heads, channels, points, queries); queries=None is encoder-like (Lq = S).
-# Together: levels of different sizes incl. 1x1, D in {30, 32, 64, 71}, P in 1..8, L in 1..5,
+# Together: levels of different sizes incl. 1x1, D in {30, 32, 64, 71}, P in 1..9, L in 1..5,
 # batch in {0, 1, 3}.
 CASES = [
     ([(1, 1)], 1, 1, 30, 1, 5),
@@ -25,6 +25,8 @@ CASES = [
     ([(3, 3), (2, 2), (1, 1), (4, 4)], 3, 1, 71, 8, 6),
     ([(8, 4), (4, 2), (2, 1), (1, 1), (16, 16)], 1, 2, 32, 4, 10),
     ([(12, 10), (6, 5)], 0, 3, 64, 2, None),
+    # L * P = 45 > 32: the forward plans a row's points in chunks of 32 (a full one and a partial one).
+    ([(6, 5), (3, 3), (2, 2), (1, 1), (4, 3)], 2, 2, 32, 9, 7),
 ]
 
 
