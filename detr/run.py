@@ -25,7 +25,6 @@ from detr.data.labelmap import LabelMap
 from detr.data.loader import build_loader
 from detr.data.sources import load_splits
 from detr.data.transforms import build_split_transforms
-from detr.engine.amp import resolve_amp
 from detr.engine.callbacks import Callback, EpochSummary
 from detr.engine.diagnostics import DiagnosticReport
 from detr.engine.distributed import DistributedContext, init_distributed, shutdown_distributed
@@ -224,7 +223,7 @@ def _build_trainer(
         epochs=train_cfg.epochs,
         grad_accum_steps=train_cfg.grad_accum_steps,
         clip_max_norm=train_cfg.clip_max_norm,
-        amp=resolve_amp(train_cfg.amp, device),
+        amp=train_cfg.amp,
         checkpoint_every_steps=train_cfg.checkpoint.every_steps,
         eval_every_epochs=train_cfg.eval_every_epochs,
         best_metric=train_cfg.checkpoint.best_metric,

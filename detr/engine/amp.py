@@ -16,9 +16,7 @@ AMP_CHOICES = ("none", "bf16", "fp16", "auto")
 
 def cpu_has_native_bf16() -> bool:
     """AMX or AVX512-BF16 on this CPU: the instruction sets oneDNN computes bfloat16 with."""
-    cpu = getattr(torch, "cpu", None)
-    checks = (getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None))
-    return any(check is not None and check() for check in checks)
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:

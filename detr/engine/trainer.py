@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from detr.checkpoints.format import CheckpointDirectory
+from detr.engine.amp import resolve_amp
 from detr.engine.callbacks import Callback
 from detr.engine.evaluation import Evaluator
 from detr.engine.sampler import ResumableSampler
@@ -35,7 +36,7 @@ class TrainerSettings:
     epochs: int
     grad_accum_steps: int = 1
     clip_max_norm: float = 0.0
-    amp: str = "none"  # none | bf16 | fp16 (train.amp=auto is resolved before, detr/engine/amp.py)
+    amp: str = "none"  # none | bf16 | fp16 | auto (resolved by the Trainer, detr/engine/amp.py)
     checkpoint_every_steps: int = 0
     eval_every_epochs: int = 1
     best_metric: str = "coco/AP"
@@ -84,7 +85,9 @@ class Trainer:
         self.evaluator = evaluator
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.settings = settings
+        # train.amp=auto becomes bf16 or none here, for this device, so every use below sees a concrete
+        # choice whoever built the settings.
+        self.settings = replace(settings, amp=resolve_amp(settings.amp, device))
         self.device = device
         self.checkpoints = checkpoints
         self.ema = ema
@@ -96,7 +99,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._check_amp()
         # float16 needs loss scaling; bfloat16 has float32's range and does not.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=settings.amp == "fp16")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.settings.amp == "fp16")
 
     # -- public ------------------------------------------------------------------------------
 
