@@ -12,7 +12,8 @@ after the trial in the search's storage: a restored search starts the trial's tr
 that name, and Ray Train continues it from the newest checkpoint there. That checkpoint's report
 may never have reached the search's driver (it was on its way when the search was interrupted), so
 the first report after a restore carries it along (``restored/`` keys, from the checkpoint), and
-the driver logs it if it has not already (``detr.search.trial_runs``).
+the driver logs it if it has not already (``detr.search.trial_runs``); a trial restored from its
+last epoch's checkpoint has nothing left to train and reports that epoch again instead.
 """
 
 from __future__ import annotations
@@ -118,6 +119,11 @@ def _trial_worker(loop_config: dict[str, Any]) -> None:
         report = _ReportToTrain({f"{RESTORED_PREFIX}{k}": v for k, v in restored_report.items()})
         train_from_config(config, resume=resume, callbacks=[ReportEachEpoch(loop_config["metric"], report)],
                           track=False, progress=False)
+        if restored is not None and not report.made:
+            # The trial continued from its last epoch's checkpoint, whose report an interruption kept
+            # from the driver: nothing was left to train, and that epoch is reported again (every rank
+            # reports; Tune takes rank 0's), so that the driver logs it and the trial ends with it.
+            report.again(restored_report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -128,14 +134,24 @@ class _ReportToTrain:
 
     def __init__(self, restored: dict[str, Any]) -> None:
         self.restored = restored
+        self.made = False  # whether an epoch was reported
 
     def __call__(self, metrics: dict[str, Any], checkpoint_directory: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_directory) if checkpoint_directory else None
-        placement_group = ray.util.get_current_placement_group()
-        ray.train.report({**metrics, **self.restored,
-                          PLACEMENT_GROUP: placement_group.id.hex() if placement_group else None},
-                         checkpoint=checkpoint)
+        ray.train.report({**metrics, **self.restored, PLACEMENT_GROUP: _placement_group()}, checkpoint=checkpoint)
         self.restored = {}
+        self.made = True
+
+    def again(self, report: dict[str, Any]) -> None:
+        """The report of the epoch the trial continued from, as it was, without a new checkpoint."""
+        ray.train.report({**report, PLACEMENT_GROUP: _placement_group()})
+        self.restored = {}
+        self.made = True
+
+
+def _placement_group() -> str | None:
+    placement_group = ray.util.get_current_placement_group()
+    return placement_group.id.hex() if placement_group else None
 
 
 class ReleaseWorkerResources(tune.Callback):

@@ -36,10 +36,10 @@ def reports(trial_dir: Path) -> list[dict]:
 def test_multi_worker_trials_survive_a_killed_worker_and_continue_exactly(micro_synth_dir, tmp_path, tracking_uri):
     # The micro model has dropout and random image sizes: each rank draws its own amount of randomness,
     # which the restarted rank must continue from the checkpoint (rng_ranks), not take from rank 0.
-    # Five copies of the 9 training images: epochs of about 10 s instead of 2. Tune writes a trial's
-    # result.json only when its driver takes the report from the trial, which lagged the worker's report
-    # by 8 s on a busy 2-core machine; with 2-s epochs the trial had ended before its first report was
-    # seen, and the worker to kill was gone.
+    # Five copies of the 9 training images: epochs of about 10 s instead of 2. A trial's result.json
+    # reaches the storage seconds after the worker's report (the driver writes it in a staging folder
+    # and copies that to the storage from time to time), 8 s later on a busy 2-core machine; with 2-s
+    # epochs the trial had ended before its first report was seen, and the worker to kill was gone.
     copies = ", ".join([f"{{path: {micro_synth_dir}, format: coco, split: train}}"] * TRAIN_COPIES)
     config = micro_search_config(micro_synth_dir, tmp_path, tracking_uri,
                                  **{"train.epochs": EPOCHS, "data.train": f"{{sources: [{copies}]}}"})
@@ -140,3 +140,52 @@ def test_worker_flag_mistakes_fail_before_ray_starts(micro_synth_dir, tmp_path, 
     import ray
 
     assert not ray.is_initialized() and not (tmp_path / "ray").exists()
+
+
+@pytest.mark.slow
+def test_a_trial_restored_from_its_last_epoch_reports_that_epoch_again(micro_synth_dir, tmp_path, tracking_uri,
+                                                                        monkeypatch):
+    """An interrupted search can keep a multi-worker trial's last report from its driver after Ray Train
+    stored that epoch's checkpoint; restored, the trial continues from that checkpoint with nothing left
+    to train. It reports the epoch again, as it was, so that the trial's run gets its last epoch."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from detr.search.trial_workers import _trial_worker
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = micro_search_config(micro_synth_dir, tmp_path, tracking_uri, **{"train.epochs": 1})
+    loop_config = {"sampled": {}, "base_config": config.to_dict(), "fixed": {}, "metric": METRIC,
+                   "root": str(tmp_path), "scratch_root": None, "trial_id": "restored", "trial_name": "restored"}
+    received = tmp_path / "reports.jsonl"
+
+    class RecordReports(ray.train.UserCallback):
+        """Each report as the trainer's controller (another process) receives it: rank 0's metrics
+        and whether a checkpoint came with them."""
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            with received.open("a") as out:
+                out.write(json.dumps({"metrics": metrics[0], "checkpoint": checkpoint is not None}) + "\n")
+
+    def fit() -> list[dict]:
+        # The trial's Ray Train run, by name: a second fit continues from its newest checkpoint, as a
+        # restored search's trial does.
+        received.unlink(missing_ok=True)
+        TorchTrainer(_trial_worker, train_loop_config=loop_config,
+                     scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                     run_config=ray.train.RunConfig(name="trial", storage_path=str(tmp_path / "train_runs"),
+                                                    callbacks=[RecordReports()])).fit()
+        return [json.loads(line) for line in received.read_text().splitlines()] if received.exists() else []
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        trained = fit()
+        restored = fit()
+    finally:
+        ray.shutdown()
+    assert [(r["metrics"]["epoch"], r["checkpoint"]) for r in trained] == [(1, True)]
+    # One report, without a checkpoint (nothing was trained), with the epoch's numbers as reported.
+    assert [(r["metrics"]["epoch"], r["checkpoint"]) for r in restored] == [(1, False)], restored
+    assert restored[0]["metrics"][METRIC] == trained[0]["metrics"][METRIC]
+    assert not any(key.startswith("restored/") for key in restored[0]["metrics"])

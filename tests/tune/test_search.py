@@ -51,6 +51,13 @@ def runs_of(tracking_uri: str) -> tuple[mlflow.entities.Run, list[mlflow.entitie
     return parents[0], [r for r in runs if "mlflow.parentRunId" in r.data.tags]
 
 
+def logged_epochs(tracking_uri: str) -> list[float]:
+    """The last epoch each child run has logged so far."""
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    return [r.data.metrics.get("epoch", 0.0) for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
 def history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in mlflow.MlflowClient(tracking_uri).get_metric_history(run_id, key)]
 
@@ -150,10 +157,12 @@ def test_an_interrupted_search_resumes_each_trial_from_its_checkpoint(micro_data
     with (tmp_path / "first.log").open("w") as log:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
-    # The driver writes a report to the trial's result.json, then registers its checkpoint in a
-    # second step; it asks for the next report only after that: a second line means the first
-    # epoch's checkpoint is the trial's.
-    while not any(len(path.read_text().splitlines()) >= 2 for path in storage.glob("resumable/trial_*/result.json")):
+    # The driver logs a report to the trial's MLflow run, then registers its checkpoint in a second
+    # step; it asks for the next report only after that: a second epoch in a run means the first
+    # epoch's checkpoint is the trial's. (Not the trial's result.json in the storage: the driver writes
+    # it in a staging folder that Ray copies there with each Tune checkpoint, and the reports of a
+    # multi-worker trial carry none, its checkpoints being Ray Train's.)
+    while max(logged_epochs(tracking_uri), default=0) < 2:
         assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no trial checkpoint within 240 s"
         time.sleep(0.2)
