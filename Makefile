@@ -42,7 +42,7 @@ setup: system-packages
 	fi
 
 # The main job on the embedded defaults (detr/demo.py): the generated shapes dataset -> train the
-# tiny Deformable DETR preset (about 10 minutes on 2 CPU cores) -> evaluate its best checkpoint, all
+# tiny Deformable DETR preset (7-9 minutes on 2 CPU cores) -> evaluate its best checkpoint, all
 # tracked in MLflow (sqlite:///mlflow.db) -> the command that opens the MLflow UI on the result.
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/detr demo --out $(DEMO_DIR) $(DEMO_ARGS)

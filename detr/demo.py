@@ -1,6 +1,6 @@
 """The main job on the embedded defaults, behind `make demo`, `mlflow run .` and `detr demo`.
 
-The generated shapes dataset -> training of the tiny Deformable DETR preset (about 10 minutes on
+The generated shapes dataset -> training of the tiny Deformable DETR preset (7-9 minutes on
 2 CPU cores) -> COCO and VOC evaluation of its best checkpoint, registered as the pyfunc model
 ``models:/shapes-demo@champion`` -> the commands that open the MLflow UI on the run and serve the model. Training and evaluation land in one MLflow run (under `mlflow run`, the project's).
 """

@@ -20,6 +20,7 @@ from detr.errors import CheckpointError, ConfigError
 
 # Blocks per stage (layer1..layer4) and block type of the torchvision ResNets the backbone supports.
 _RESNETS = {
+    ((1, 1, 1, 1), False): "resnet10",
     ((2, 2, 2, 2), False): "resnet18",
     ((3, 4, 6, 3), False): "resnet34",
     ((3, 4, 6, 3), True): "resnet50",
@@ -117,7 +118,7 @@ def _deformable_section(src: SourceWeights, check: _Agreement, nheads: int, wher
 
 
 def backbone_name(state: Mapping[str, torch.Tensor], where: str) -> str:
-    """resnet18/34/50/101 from the blocks under ``backbone.0.body.layer1..4``."""
+    """resnet10/18/34/50/101 from the blocks under ``backbone.0.body.layer1..4``."""
     blocks = []
     for stage in range(1, 5):
         prefix = f"backbone.0.body.layer{stage}."
@@ -128,8 +129,8 @@ def backbone_name(state: Mapping[str, torch.Tensor], where: str) -> str:
         kind = "bottleneck" if bottleneck else "basic"
         raise CheckpointError(
             f"{where}: the backbone has {blocks} {kind} blocks in layer1..layer4, which is none of the supported "
-            "ResNets (resnet18 [2,2,2,2] basic, resnet34 [3,4,6,3] basic, resnet50 [3,4,6,3] bottleneck, "
-            "resnet101 [3,4,23,3] bottleneck)"
+            "ResNets (resnet10 [1,1,1,1] basic, resnet18 [2,2,2,2] basic, resnet34 [3,4,6,3] basic, "
+            "resnet50 [3,4,6,3] bottleneck, resnet101 [3,4,23,3] bottleneck)"
         )
     return name
 

@@ -134,7 +134,8 @@ class DataConfig(Section):
 
 
 class BackboneConfig(Section):
-    name: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    # resnet10: ResNet-18 with one block per stage instead of two (CPUs, from scratch).
+    name: Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     # A local state dict for the backbone; never downloaded.
     weights: Path | None = None
     # Number of trainable ResNet stages counted from the top (0..5); DETR trains layer2..layer4.
@@ -154,6 +155,16 @@ class DeformableConfig(Section):
     two_stage: bool = False
     # Encoder proposals that become decoder queries; None: model.num_queries (as the paper).
     two_stage_num_proposals: PositiveInt | None = None
+    # Two-stage: a query's content also takes the encoder feature of its proposal's position (as
+    # model.detr.encoder_content), not only the sine embedding of its box; official checkpoints: off.
+    encoder_content: bool = False
+
+    @model_validator(mode="after")
+    def _encoder_content_needs_two_stage(self) -> DeformableConfig:
+        if self.encoder_content and not self.two_stage:
+            raise ValueError("model.deformable.encoder_content needs model.deformable.two_stage: true "
+                             "(learned queries have no encoder position)")
+        return self
 
 
 class DetrConfig(Section):

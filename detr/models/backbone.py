@@ -17,13 +17,15 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import BasicBlock
 from torchvision.ops import FrozenBatchNorm2d
 
 from detr.errors import CheckpointError
 
-RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
+RESNET_NAMES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101")
 # Output channels of layer2, layer3, layer4.
 _STAGE_CHANNELS = {
+    "resnet10": (128, 256, 512),
     "resnet18": (128, 256, 512),
     "resnet34": (128, 256, 512),
     "resnet50": (512, 1024, 2048),
@@ -50,7 +52,8 @@ class Backbone(nn.Module):
     """A torchvision ResNet returning the last ``num_levels`` of (layer2, layer3, layer4).
 
     Args:
-        name: resnet18 | resnet34 | resnet50 | resnet101.
+        name: resnet18 | resnet34 | resnet50 | resnet101, or resnet10: ResNet-18's stages with one
+            BasicBlock each instead of two (half its convolutions; for CPUs, trained from scratch).
         num_levels: 1 (layer4 only, DETR) to 3 (layer2..4, Deformable DETR multi-scale).
         trainable_layers: stages that train, counted from the top (0: none, 3: layer2..4 as DETR,
             5: all including conv1). The others get ``requires_grad=False``.
@@ -89,11 +92,9 @@ class Backbone(nn.Module):
         if not 0 <= trainable_layers <= len(_STAGES_TOP_DOWN):
             raise ValueError(f"trainable_layers must be 0..{len(_STAGES_TOP_DOWN)}, got {trainable_layers}")
         norm_layer = FusedFrozenBatchNorm2d if frozen_batchnorm else nn.BatchNorm2d
-        basic_block = name in ("resnet18", "resnet34")
-        resnet = getattr(torchvision.models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation and not basic_block],
-            norm_layer=norm_layer,
-        )
+        basic_block = name in ("resnet10", "resnet18", "resnet34")
+        resnet = _resnet(name, replace_stride_with_dilation=[False, False, dilation and not basic_block],
+                         norm_layer=norm_layer)
         if dilation and basic_block:
             _dilate_basic_layer4(resnet.layer4)
         if weights is not None:
@@ -131,6 +132,14 @@ class Backbone(nn.Module):
             level_mask = F.interpolate(mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
             out.append((feature, level_mask))
         return out
+
+
+def _resnet(name: str, **kwargs) -> torchvision.models.ResNet:
+    """A torchvision ResNet with random weights (never downloaded); resnet10 is not one of
+    torchvision's presets but its ResNet class with one BasicBlock per stage."""
+    if name == "resnet10":
+        return torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
+    return getattr(torchvision.models, name)(weights=None, **kwargs)
 
 
 def _dilate_basic_layer4(layer4: nn.Sequential) -> None:

@@ -109,6 +109,7 @@ def _build_deformable_detr(mc: ModelConfig, num_classes: int) -> DeformableDETR:
         enc_n_points=d.n_points,
         two_stage=d.two_stage,
         two_stage_num_proposals=d.two_stage_num_proposals or mc.num_queries,
+        encoder_content=d.encoder_content,
     )
     return DeformableDETR(
         backbone,

@@ -32,6 +32,9 @@ class DeformableTransformer(nn.Module):
         num_feature_levels: L.  dec_n_points, enc_n_points: sampling points P per head and level.
         two_stage: generate queries from encoder proposals instead of learned queries.
         two_stage_num_proposals: how many proposals become decoder queries.
+        encoder_content: two-stage only: a query's content is the sine embedding of its proposal box
+            plus the encoder feature at the proposal's position (Efficient DETR, RT-DETR), so what
+            the encoder head saw there reaches the decoder directly; off in the paper.
     """
 
     def __init__(
@@ -47,12 +50,16 @@ class DeformableTransformer(nn.Module):
         enc_n_points: int = 4,
         two_stage: bool = False,
         two_stage_num_proposals: int = 300,
+        encoder_content: bool = False,
     ) -> None:
         super().__init__()
+        if encoder_content and not two_stage:
+            raise ValueError("encoder_content needs two_stage: learned queries have no encoder position")
         self.d_model = d_model
         self.nhead = nhead
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
+        self.encoder_content = encoder_content
         enc_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead,
                                                       enc_n_points)
         self.encoder = DeformableTransformerEncoder(enc_layer, num_encoder_layers)
@@ -185,6 +192,8 @@ class DeformableTransformer(nn.Module):
             reference_points = topk_coords_unact.sigmoid()  # [B, k, 4]
             pos_trans_out = self.pos_trans_norm(self.pos_trans(self.proposal_pos_embed(topk_coords_unact)))
             query_pos, tgt = torch.split(pos_trans_out, c, dim=2)  # [B, k, C] each
+            if self.encoder_content:
+                tgt = tgt + torch.gather(output_memory, 1, topk.unsqueeze(-1).expand(-1, -1, c))  # [B, k, C]
             if extra_box_queries is not None:
                 extra_content, extra_boxes_unact = extra_box_queries
                 extra_pos = self.pos_trans_norm(self.pos_trans(self.proposal_pos_embed(extra_boxes_unact)))[..., :c]

@@ -31,6 +31,12 @@ CASES = {
     "deformable_two_stage": {"arch": "deformable_detr",
                              "deformable": {"n_levels": 2, "n_points": 2, "with_box_refine": True, "two_stage": True},
                              "training_aids": {"denoising": DENOISING, "one_to_many": ONE_TO_MANY}},
+    # The tiny preset's query path: proposals whose content carries the encoder feature.
+    "deformable_two_stage_encoder_content": {
+        "arch": "deformable_detr",
+        "deformable": {"n_levels": 2, "n_points": 2, "with_box_refine": True, "two_stage": True,
+                       "encoder_content": True},
+        "training_aids": {"denoising": DENOISING, "one_to_many": ONE_TO_MANY}},
 }
 
 

@@ -29,6 +29,8 @@ VARIANTS = {
     "deformable_refine": {"arch": "deformable_detr", "deformable": {"with_box_refine": True}},
     "deformable_two_stage": {"arch": "deformable_detr", "deformable": {"with_box_refine": True, "two_stage": True}},
     "deformable_two_stage_no_refine": {"arch": "deformable_detr", "deformable": {"two_stage": True}},
+    "deformable_two_stage_encoder_content": {
+        "arch": "deformable_detr", "deformable": {"with_box_refine": True, "two_stage": True, "encoder_content": True}},
 }
 
 

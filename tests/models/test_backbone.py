@@ -19,6 +19,7 @@ from tests.models.conftest import random_targets, tiny_model_config
     ("name", "levels", "dilation", "strides", "channels"),
     [
         ("resnet18", 1, False, [32], [512]),
+        ("resnet10", 3, False, [8, 16, 32], [128, 256, 512]),
         ("resnet34", 3, False, [8, 16, 32], [128, 256, 512]),
         ("resnet50", 3, False, [8, 16, 32], [512, 1024, 2048]),
         ("resnet101", 2, False, [16, 32], [1024, 2048]),
@@ -30,6 +31,16 @@ def test_levels_strides_and_channels(name, levels, dilation, strides, channels):
     with torch.device("meta"):
         backbone = Backbone(name, num_levels=levels, dilation=dilation)
     assert backbone.strides == strides and backbone.num_channels == channels
+
+
+def test_resnet10_is_resnet18_with_one_block_per_stage():
+    """The first block of every ResNet-18 stage, the same module names: ResNet-18 weights minus each
+    stage's second block load into it (``model.backbone.weights``)."""
+    with torch.device("meta"):
+        small, full = Backbone("resnet10", num_levels=3), Backbone("resnet18", num_levels=3)
+    small_keys, full_keys = set(small.state_dict()), set(full.state_dict())
+    assert small_keys < full_keys
+    assert {k.split(".")[2] for k in full_keys - small_keys} == {"1"}  # body.layerN.1.*: the second blocks
 
 
 def test_features_and_masks_per_level():
@@ -173,7 +184,7 @@ def test_non_state_dict_is_rejected(tmp_path):
         Backbone("resnet18", weights=path)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet10", "resnet18", "resnet34", "resnet50"])
 def test_dilated_layer4_at_even_positions_is_the_strided_network(name):
     """Dilation is the a-trous form of the stride: with the same weights, in eval mode, the stride-16
     map at every second position equals the stride-32 map. torchvision dilates resnet50 itself (the
@@ -204,7 +215,7 @@ def test_nothing_is_downloaded(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", forbidden)
     monkeypatch.setattr(torch.hub, "download_url_to_file", forbidden)
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", forbidden)
-    for name in ("resnet18", "resnet34", "resnet50", "resnet101"):
+    for name in ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"):
         for arch in ("detr", "deformable_detr"):
             config = load_config(None, [f"model.backbone.name={name}", f"model.arch={arch}"])
             with torch.device("meta"):

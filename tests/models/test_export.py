@@ -63,7 +63,8 @@ def test_channels_last_backbone_exports_the_same_graph_function(tmp_path):
         _assert_matches_eager(model, path, torch.randn(*shape, generator=g))
 
 
-@pytest.mark.parametrize("variant", ["deformable_refine", "deformable_two_stage"])
+@pytest.mark.parametrize(
+    "variant", ["deformable_refine", "deformable_two_stage", "deformable_two_stage_encoder_content"])
 def test_deformable_dynamic_batch_fixed_size(variant, tmp_path, monkeypatch):
     # The native backend requested here would fail to export; the export forces the reference op.
     monkeypatch.setenv(BACKEND_ENV, "native")
