@@ -61,10 +61,8 @@ def test_encoder_content_without_two_stage_is_a_config_error():
 
 def deformable_model(encoder_content: bool, seed: int = 0):
     torch.manual_seed(seed)
-    config = tiny_model_config(
-        "deformable_two_stage",
-        deformable={"with_box_refine": True, "two_stage": True, "encoder_content": encoder_content})
-    return build_model(config, num_classes=3).eval()
+    variant = "deformable_two_stage_encoder_content" if encoder_content else "deformable_two_stage"
+    return build_model(tiny_model_config(variant), num_classes=3).eval()
 
 
 def _transformer_tensors(model, images, masks):
