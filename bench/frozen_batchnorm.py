@@ -1,11 +1,15 @@
-"""The backbone's frozen BatchNorm: torchvision's ``FrozenBatchNorm2d`` (scale and shift, two passes over
-each feature map) against ``FusedFrozenBatchNorm2d`` (one ``F.batch_norm`` pass), in a ResNet-50 body
-with DETR's trainable stages (layer2-4), forward and forward+backward, interleaved in one process.
+"""The backbone's frozen BatchNorm, three ways, in a ResNet-50 body with DETR's trainable stages (layer2-4),
+forward and forward+backward, interleaved in one process:
 
-    python bench/frozen_batchnorm.py [--size 512 --batch 2 --rounds 5]
+* torchvision: ``FrozenBatchNorm2d``, a scale and a shift, two passes over each feature map;
+* one pass: ``FusedFrozenBatchNorm2d``, one ``F.batch_norm`` pass (forward and backward);
+* folded: what the project's backbone runs, each convolution with its norm as one convolution
+  (``detr.models.backbone.conv_norm``), no pass over the feature map at all.
 
-Prints the relative difference of the outputs, the best time of each and the ratio torchvision / fused
-(above 1: the fused form is faster).
+    python bench/frozen_batchnorm.py [--size 512 --batch 2 --rounds 5 --channels-last]
+
+Prints how far the outputs are apart, the best time of each and the ratios against torchvision's form
+(above 1: faster than it).
 """
 
 from __future__ import annotations
@@ -24,15 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from detr.models.backbone import Backbone, FusedFrozenBatchNorm2d  # noqa: E402
 
 
-def resnet50_body(norm_layer: type[nn.Module]) -> nn.Module:
-    """The project's DETR backbone body (ResNet-50, layer2-4 trainable) with its frozen BatchNorms
-    computed as ``norm_layer``'s (same buffers: only the forward differs)."""
+def resnet50_backbone(norm_layer: type[nn.Module], channels_last: bool) -> Backbone:
+    """The project's DETR backbone (ResNet-50, layer2-4 trainable) with its frozen BatchNorms computed as
+    ``norm_layer``'s when they run unfolded (same buffers: only the forward differs)."""
     torch.manual_seed(0)
-    body = Backbone("resnet50", num_levels=1, trainable_layers=3, frozen_batchnorm=True).body
-    for norm in body.modules():
+    backbone = Backbone("resnet50", num_levels=1, trainable_layers=3, frozen_batchnorm=True,
+                        channels_last=channels_last)
+    for norm in backbone.modules():
         if isinstance(norm, FrozenBatchNorm2d):
             norm.__class__ = norm_layer
-    return body
+    return backbone
 
 
 def seconds(fn) -> float:
@@ -46,31 +51,41 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--channels-last", action="store_true", help="the ResNet in channels-last memory")
     args = parser.parse_args()
-    reference, fused = resnet50_body(FrozenBatchNorm2d), resnet50_body(FusedFrozenBatchNorm2d)
+    reference = resnet50_backbone(FrozenBatchNorm2d, args.channels_last)
     for norm in reference.modules():  # statistics of a trained network, not the identity
         if isinstance(norm, FrozenBatchNorm2d):
             norm.running_var.uniform_(0.5, 2.0), norm.running_mean.normal_()
             norm.weight.normal_(0.3, 0.1), norm.bias.normal_(0.0, 0.1)
-    fused.load_state_dict(reference.state_dict())
+    one_pass = resnet50_backbone(FusedFrozenBatchNorm2d, args.channels_last)
+    one_pass.load_state_dict(reference.state_dict())
     images = torch.randn(args.batch, 3, args.size, args.size)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    forms = {  # name -> images -> layer4 features
+        "torchvision": lambda x: reference.body(x)["0"],
+        "one pass": lambda x: one_pass.body(x)["0"],
+        "folded": lambda x: one_pass.stage_outputs(x)[0],
+    }
     with torch.no_grad():
-        expected, got = reference(images)["0"], fused(images)["0"]
+        outputs = {name: form(images) for name, form in forms.items()}
+    scale = outputs["torchvision"].abs().max()
+    apart = ", ".join(f"{name} {((out - outputs['torchvision']).abs().max() / scale):.1e}"
+                      for name, out in outputs.items() if name != "torchvision")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ResNet-50 body, batch {args.batch} at "
-          f"{args.size}x{args.size}; outputs differ by {((got - expected).abs().max() / expected.abs().max()):.1e} "
-          "(relative to the largest)")
-    times: dict[str, list[float]] = {"forward": [], "forward fused": [], "train": [], "train fused": []}
+          f"{args.size}x{args.size}{', channels-last' if args.channels_last else ''}; outputs apart from "
+          f"torchvision's form by (relative to the largest): {apart}")
+    times: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.rounds + 1):  # round 0 warms up
-        with torch.no_grad():
-            times["forward"].append(seconds(lambda: reference(images)))
-            times["forward fused"].append(seconds(lambda: fused(images)))
-        times["train"].append(seconds(lambda: reference(images)["0"].sum().backward()))
-        times["train fused"].append(seconds(lambda: fused(images)["0"].sum().backward()))
-    best = {k: min(v[1:]) for k, v in times.items()}
-    for kind in ("forward", "train"):
-        label = "forward" if kind == "forward" else "forward+backward"
-        print(f"  {label:17s} torchvision {best[kind]:.3f} s | fused {best[kind + ' fused']:.3f} s "
-              f"({best[kind] / best[kind + ' fused']:.2f}x)")
+        for name, form in forms.items():
+            with torch.no_grad():
+                times.setdefault(("forward", name), []).append(seconds(lambda: form(images)))
+            times.setdefault(("forward+backward", name), []).append(seconds(lambda: form(images).sum().backward()))
+    for kind in ("forward", "forward+backward"):
+        best = {name: min(times[kind, name][1:]) for name in forms}
+        cells = " | ".join(f"{name} {t:.3f} s ({best['torchvision'] / t:.2f}x)" for name, t in best.items())
+        print(f"  {kind:17s} {cells}")
 
 
 if __name__ == "__main__":

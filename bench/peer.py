@@ -14,6 +14,12 @@ Ours runs once with the native deformable-attention kernel and once with the gri
 (``DETR_MSDA_BACKEND``); DETR has no deformable attention, so its two rows measure the same code.
 Ratios above 1 mean ours is faster.
 
+Each row ends with the arithmetic floor: the floating-point operations of the matrix products and
+convolutions (``torch.utils.flop_counter``, the same count for both libraries, printed) at the float32
+matrix-product rate measured in the same run and threads. No implementation of the same architecture
+in float32 gets below it, so transformers' time over the floor is the largest lead any of them could
+have over transformers on this machine.
+
     python bench/peer.py                       # both architectures, batch 2 at 512x512, 3 timed runs
     python bench/peer.py --arch deformable_detr --size 320x320 --repeats 5 --threads 2
     python bench/peer.py --channels-last       # ours with model.backbone.channels_last=true
@@ -149,6 +155,29 @@ def peer_runner(model) -> Runner:
     return Runner("transformers", model, step_loss)
 
 
+def counted_flops(runner: Runner, images, masks, targets) -> dict[str, float]:
+    """Floating-point operations of the matrix products and convolutions of one inference and of one
+    training step's forward, loss and backward (the optimizer's elementwise update is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    runner.model.eval()
+    with FlopCounterMode(display=False) as inference:  # autograd on: the counter's module hooks need it
+        runner.step_loss(runner.model, images, masks, None)
+    runner.model.train()
+    with FlopCounterMode(display=False) as training:
+        runner.step_loss(runner.model, images, masks, targets).backward()
+    runner.optimizer.zero_grad(set_to_none=True)
+    return {"inference": inference.get_total_flops(), "training step": training.get_total_flops()}
+
+
+def matmul_flops_per_second(size: int = 2048, repeats: int = 10) -> float:
+    """The float32 rate of a large square matrix product at torch's current threads, best of ``repeats``."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = min(timed(lambda: a @ b, None) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
 def timed(call, backend: str | None) -> float:
     if backend is not None:
         os.environ["DETR_MSDA_BACKEND"] = backend
@@ -173,6 +202,13 @@ def bench_arch(arch: str, size: tuple[int, int], count: int, repeats: int, chann
     runners = {"native": (our_runner("ours", ours, config), "native"),
                "reference": (our_runner("ours", _copy(ours), config), "reference"),
                "transformers": (peer_runner(peer), None)}
+    work = {key: counted_flops(runners[key][0], images, masks, targets) for key in ("native", "transformers")}
+    rate = matmul_flops_per_second()
+    print(f"  matrix products and convolutions: inference {work['native']['inference'] / 1e9:.1f} GFLOP "
+          f"(transformers {work['transformers']['inference'] / 1e9:.1f}), training step "
+          f"{work['native']['training step'] / 1e9:.1f} GFLOP (transformers "
+          f"{work['transformers']['training step'] / 1e9:.1f}); float32 matrix product {rate / 1e9:.0f} GFLOP/s",
+          flush=True)
     for mode in ("inference", "training step"):
         times: dict[str, list[float]] = {key: [] for key in runners}
         for round_index in range(repeats + 1):  # the first round warms up
@@ -183,9 +219,11 @@ def bench_arch(arch: str, size: tuple[int, int], count: int, repeats: int, chann
                 if round_index:
                     times[key].append(seconds)
         median = {key: statistics.median(values) for key, values in times.items()}
+        floor = work["native"][mode] / rate
         print(f"  {mode:<14} transformers {median['transformers']:7.2f} s | ours native {median['native']:7.2f} s "
               f"({median['transformers'] / median['native']:.2f}x) | ours reference {median['reference']:7.2f} s "
-              f"({median['transformers'] / median['reference']:.2f}x)", flush=True)
+              f"({median['transformers'] / median['reference']:.2f}x) | floor {floor:5.2f} s "
+              f"(largest possible lead {median['transformers'] / floor:.2f}x)", flush=True)
     os.environ.pop("DETR_MSDA_BACKEND", None)
 
 

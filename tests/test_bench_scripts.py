@@ -71,9 +71,11 @@ def test_convergence_bench_plots_every_variant_and_logs_one_run(tmp_path):
 
 
 def test_frozen_batchnorm_bench_compares_equal_outputs():
-    done = _run("frozen_batchnorm.py", "--size", "64", "--batch", "1", "--rounds", "1")
+    done = _run("frozen_batchnorm.py", "--size", "64", "--batch", "1", "--rounds", "1", "--channels-last")
     assert done.returncode == 0, done.stderr[-3000:]
-    difference = float(done.stdout.split("outputs differ by ")[1].split()[0])
-    assert difference < 1e-5
+    apart = done.stdout.split("(relative to the largest): ")[1].splitlines()[0]
+    differences = dict(item.rsplit(" ", 1) for item in apart.split(", "))
+    assert set(differences) == {"one pass", "folded"} and all(float(v) < 1e-5 for v in differences.values())
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith("  ")]
     assert [row[0] for row in rows] == ["forward", "forward+backward"]
+    assert all(row[1] == "torchvision" and "folded" in row for row in rows)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
 from detr.config import ModelConfig, load_config
@@ -265,3 +266,99 @@ def test_channels_last_is_the_same_model(variant):
     plain_again, _ = build(False)
     plain_again.load_state_dict(nhwc.state_dict())
     assert plain_again.backbone[0].body.conv1.weight.is_contiguous()
+
+
+def _randomize_norms(module: nn.Module, generator: torch.Generator) -> None:
+    """Statistics and affine parameters far from the identity, so that a wrong fold shows."""
+    for norm in module.modules():
+        if isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+            for tensor in (norm.weight, norm.bias, norm.running_mean):
+                tensor.data.copy_(torch.randn(tensor.shape, generator=generator))
+            norm.running_var.copy_(torch.rand(norm.running_var.shape, generator=generator) * 2 + 0.1)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize(("frozen_batchnorm", "trainable", "mode"),
+                         [(True, 5, "train"), (False, 5, "eval"), (False, 2, "train")])
+def test_folded_norms_are_torchvisions_resnet(name, frozen_batchnorm, trainable, mode):
+    """Each conv with its frozen or eval-mode norm runs as one convolution: in float64 the features of
+    layer2-4 and the gradients of every trainable parameter (BatchNorm affine ones included) equal
+    torchvision's own ResNet with the same weights, and a BatchNorm in training mode (the top stages
+    with ``trainable=2``) still normalizes by its batch and updates its statistics as torchvision's."""
+    generator = torch.Generator().manual_seed(0)
+    ours = Backbone(name, num_levels=3, trainable_layers=trainable, frozen_batchnorm=frozen_batchnorm).double()
+    _randomize_norms(ours, generator)
+    norm_layer = FrozenBatchNorm2d if frozen_batchnorm else nn.BatchNorm2d
+    resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer).double()
+    resnet.load_state_dict(ours.body.state_dict(), strict=False)  # all but fc
+    for param_name, param in resnet.named_parameters():
+        param.requires_grad_(param_name.startswith(ours.trainable_prefixes))
+    reference = IntermediateLayerGetter(resnet, return_layers={"layer2": "0", "layer3": "1", "layer4": "2"})
+    ours.train(mode == "train")
+    reference.train(mode == "train")
+    for module_name, module in reference.named_modules():  # Backbone.train keeps frozen stages' stats
+        if isinstance(module, nn.BatchNorm2d) and not module_name.startswith(ours.trainable_prefixes):
+            module.eval()
+    norm_calls = []
+    for module in ours.modules():
+        if isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+            module.register_forward_hook(lambda m, args, out: norm_calls.append(m))
+
+    images = torch.randn(2, 3, 64, 96, dtype=torch.float64, generator=generator)
+    features = [f for f, _ in ours(images, torch.zeros(2, 64, 96, dtype=torch.bool))]
+    expected = list(reference(images).values())
+    weights = [torch.randn(f.shape, dtype=torch.float64, generator=generator) for f in expected]
+    ours_params = [p for p in ours.body.parameters() if p.requires_grad]
+    ref_params = [p for p in reference.parameters() if p.requires_grad]
+    assert [p.shape for p in ours_params] == [p.shape for p in ref_params] and ours_params
+    ours_grads = torch.autograd.grad(sum((f * w).sum() for f, w in zip(features, weights)), ours_params)
+    ref_grads = torch.autograd.grad(sum((f * w).sum() for f, w in zip(expected, weights)), ref_params)
+
+    # 50 layers of random norms grow the values; the tolerances are float64 rounding relative to them.
+    for got, want in list(zip(features, expected)) + list(zip(ours_grads, ref_grads)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11 * want.abs().max().item())
+    training_norms = {m for m in ours.modules() if isinstance(m, nn.BatchNorm2d) and m.training}
+    assert set(norm_calls) == training_norms  # every other norm was folded, never run on a feature map
+    assert bool(training_norms) == (mode == "train" and not frozen_batchnorm)
+    for (key, got), want in zip(ours.body.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=key)  # running statistics too
+
+
+def test_folded_weights_are_kept_for_inference_until_a_weight_changes():
+    """Without autograd the fold is computed once and reused; a weight or statistic changed in place or
+    loaded from a state dict is folded anew (the output stays torchvision's), and with autograd on the
+    fold is recomputed so that gradients reach the weights."""
+    generator = torch.Generator().manual_seed(0)
+    ours = Backbone("resnet18", num_levels=1, trainable_layers=3).double().eval()
+    _randomize_norms(ours, generator)
+    reference = IntermediateLayerGetter(torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d),
+                                        return_layers={"layer4": "0"}).double().eval()
+    images = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=generator)
+    mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+
+    def check() -> None:
+        reference.load_state_dict(ours.body.state_dict())
+        with torch.no_grad():
+            expected = reference(images)["0"]
+            torch.testing.assert_close(ours(images, mask)[0][0], expected, rtol=1e-9,
+                                       atol=1e-11 * expected.abs().max().item())
+
+    norm = ours.body.layer4[1].bn2
+    check()
+    first = norm.__dict__["_folded_conv"][1]
+    check()
+    assert norm.__dict__["_folded_conv"][1] is first  # reused, not folded again
+    with torch.no_grad():
+        ours.body.layer4[1].conv2.weight.mul_(-2.0)
+        norm.running_var.mul_(3.0)
+    check()
+    assert norm.__dict__["_folded_conv"][1] is not first
+    state = ours.state_dict()
+    state["body.layer4.1.bn2.bias"] = torch.randn(state["body.layer4.1.bn2.bias"].shape, dtype=torch.float64,
+                                                  generator=generator)
+    ours.load_state_dict(state)
+    check()
+    feature = ours(images, mask)[0][0]  # autograd on: the fold is part of the graph
+    (grad,) = torch.autograd.grad(feature.sum(), ours.body.layer4[1].conv2.weight)
+    assert grad.abs().sum() > 0
+    assert "_folded_conv" not in str(list(ours.state_dict()))
