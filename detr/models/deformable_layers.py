@@ -45,7 +45,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         """src, pos [B, S, C]; reference_points [B, S, L, 2]; padding_mask [B, S] -> [B, S, C]."""
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout3(ffn))
 
 
@@ -83,7 +83,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                                memory_padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attn))
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt), inplace=True)))
         return self.norm3(tgt + self.dropout4(ffn))
 
 

@@ -84,7 +84,10 @@ class MSDeformAttn(nn.Module):
         m, lv, p = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+            if _exporting():  # exported in place, the ONNX model disagrees with eager (test_export)
+                value = value.masked_fill(input_padding_mask[..., None], 0.0)
+            else:  # in place: the projection's output is ours alone (its backward does not need it)
+                value.masked_fill_(input_padding_mask[..., None], 0.0)
         value = value.view(n, len_in, m, self.d_model // m)  # [N, S, M, D]
         # Locations and weights stay in float32 under autocast: a half/bfloat16 location in [0, 1]
         # would be off by up to a pixel on a 100-pixel map.
@@ -96,7 +99,8 @@ class MSDeformAttn(nn.Module):
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: divide by (W_l, H_l).
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            locations = _add_divided(reference_points[:, :, None, :, None, :], offsets,
+                                     normalizer[None, None, None, :, None, :])
         elif reference_points.shape[-1] == 4:
             # Offsets are fractions of half the box size, spread over the P points.
             centre = reference_points[:, :, None, :, None, :2]
@@ -106,3 +110,16 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)  # [N, Lq, C]
         return self.output_proj(out)
+
+
+def _add_divided(base: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``base + numerator / denominator`` (broadcast) in one pass over the result (``addcdiv``) instead of
+    a division and an addition over [N, Lq, M, L, P, 2]; the same result bit for bit. ONNX has no
+    addcdiv, so an export records the two operations."""
+    if _exporting():
+        return base + numerator / denominator
+    return torch.addcdiv(base, numerator, denominator)
+
+
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()

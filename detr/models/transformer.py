@@ -31,7 +31,7 @@ class TransformerEncoderLayer(nn.Module):
         self.normalize_before = normalize_before
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.linear2(self.dropout(F.relu(self.linear1(x), inplace=True)))
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         """src, pos [B, S, C]; key_padding_mask [B, S] (True = padding) -> [B, S, C]."""
@@ -63,7 +63,7 @@ class TransformerDecoderLayer(nn.Module):
         self.normalize_before = normalize_before
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.linear2(self.dropout(F.relu(self.linear1(x), inplace=True)))
 
     def forward(
         self,
