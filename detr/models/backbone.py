@@ -1,4 +1,5 @@
-"""ResNet backbone: torchvision ResNet body, frozen BatchNorm, multi-level features with their masks.
+"""ResNet backbone: torchvision ResNet body, frozen BatchNorm folded into its convolutions, multi-level features
+with their masks.
 
 Weights are never downloaded: the ResNet is built with ``weights=None`` and, when a path is given,
 a local torchvision ResNet state dict is loaded from it. Module names follow the official DETR code
