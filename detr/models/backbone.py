@@ -52,11 +52,14 @@ class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
 def conv_norm(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module) -> torch.Tensor:
     """``norm(conv(x))`` as one convolution when the norm is an affine map, i.e. a frozen BatchNorm or
     one in eval mode: y = (W * x + b - mean) * s + beta with s = gamma / sqrt(var + eps) is the
-    convolution with weight s * W and bias (b - mean) * s + beta. The norm's passes over the (large)
-    feature map, forward and backward, are gone; the fold is one pass over the (small) weight, done
-    once and kept while autograd is off (``_folded``). Gradients reach W (and gamma, beta of a plain
-    BatchNorm) through the fold; the result equals the two-step one to rounding. A BatchNorm in
-    training mode normalizes by the batch's own statistics, so it stays a separate step.
+    convolution with weight s * W and bias (b - mean) * s + beta. The norm's passes over the feature
+    map, forward and backward, are gone; the fold is a pass over the weight. Without gradients for the
+    weights (inference, frozen stages) the folded pair is computed once and kept (``_folded``), so
+    folding always pays. A weight that trains is folded anew in every step, forward and backward, so
+    it is folded only when its output map has at least as many elements as the weight (ResNet-50's
+    layer4 at 128 pixels has 1/16 of that: there the norm's passes are cheaper). Gradients reach W
+    (and gamma, beta of a plain BatchNorm) through the fold; the result equals the two-step one to
+    rounding. A BatchNorm in training mode normalizes by the batch's own statistics: never folded.
 
     x [B, C_in, H, W] -> [B, C_out, H', W'], in x's memory format (the weight's, when channels-last).
     """
@@ -64,19 +67,31 @@ def conv_norm(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module) -> torch.Tensor
         return norm(conv(x))
     if not isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)):
         raise TypeError(f"conv_norm folds BatchNorm2d or FrozenBatchNorm2d, got {type(norm).__name__}")
-    weight, bias = _folded(conv, norm)
+    tensors = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if trains and _output_elements(x, conv) < conv.weight.numel():
+        return norm(conv(x))
+    weight, bias = _folded(conv, norm, tensors, keep=not trains)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def _folded(conv: nn.Conv2d, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The folded weight [C_out, C_in, k, k] and bias [C_out]. Without autograd (inference) the pair is
-    kept on the norm and reused until a tensor it came from is replaced or changed in place (its
-    version counter), so a served model folds once; in ResNet-50 the fold is about 30 ms per call
-    on two CPU cores against 250 ms for a 512x512 image. With autograd on it is recomputed, so
-    gradients flow through it; tracing (ONNX export) records the fold itself."""
-    tensors = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
-    reuse = not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-    if reuse:
+def _output_elements(x: torch.Tensor, conv: nn.Conv2d) -> int:
+    """Elements of conv(x): B * C_out * H' * W'."""
+    size = x.shape[0] * conv.out_channels
+    for extent, kernel, stride, padding, dilation in zip(x.shape[-2:], conv.kernel_size, conv.stride, conv.padding,
+                                                         conv.dilation):
+        size *= (extent + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    return size
+
+
+def _folded(conv: nn.Conv2d, norm: nn.Module, tensors: tuple, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folded weight [C_out, C_in, k, k] and bias [C_out]. With ``keep`` (nothing to differentiate)
+    the pair is kept on the norm and reused until a tensor it came from is replaced or changed in place
+    (its version counter), so a served model folds once: in ResNet-50 the fold is about 30 ms per call
+    on two CPU cores against 250 ms for a 512x512 image. Otherwise it is recomputed, so that gradients
+    flow through it; tracing (ONNX export) records the fold itself."""
+    keep = keep and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+    if keep:
         key = (torch.is_inference_mode_enabled(),) + tuple(
             None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         cached = norm.__dict__.get("_folded_conv")
@@ -87,7 +102,7 @@ def _folded(conv: nn.Conv2d, norm: nn.Module) -> tuple[torch.Tensor, torch.Tenso
     if conv.bias is not None:
         bias = bias + conv.bias * scale
     weight = conv.weight * scale[:, None, None, None]
-    if reuse:
+    if keep:
         norm.__dict__["_folded_conv"] = (key, weight, bias)  # not a buffer: never in the state dict
     return weight, bias
 
