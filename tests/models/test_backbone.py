@@ -359,7 +359,7 @@ def test_a_training_weight_is_folded_only_where_its_output_map_is_larger_than_it
 def test_folded_weights_are_kept_for_inference_until_a_weight_changes():
     """Without autograd the fold is computed once and reused; a weight or statistic changed in place or
     loaded from a state dict is folded anew (the output stays torchvision's), and with autograd on the
-    fold is recomputed so that gradients reach the weights."""
+    kept fold is not used: gradients reach the weights."""
     generator = torch.Generator().manual_seed(0)
     ours = Backbone("resnet18", num_levels=1, trainable_layers=3).double().eval()
     _randomize_norms(ours, generator)
@@ -390,7 +390,7 @@ def test_folded_weights_are_kept_for_inference_until_a_weight_changes():
                                                   generator=generator)
     ours.load_state_dict(state)
     check()
-    feature = ours(images, mask)[0][0]  # autograd on: the fold is part of the graph
+    feature = ours(images, mask)[0][0]  # autograd on: computed from the weights themselves
     (grad,) = torch.autograd.grad(feature.sum(), ours.body.layer4[1].conv2.weight)
     assert grad.abs().sum() > 0
     assert "_folded_conv" not in str(list(ours.state_dict()))
