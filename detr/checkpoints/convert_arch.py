@@ -13,19 +13,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torchvision.models.resnet import Bottleneck
 
 from detr.checkpoints.convert_sources import SourceWeights
 from detr.config import Config, config_from_dict
 from detr.errors import CheckpointError, ConfigError
+from detr.models.backbone import RESNET_LAYOUTS
 
-# Blocks per stage (layer1..layer4) and block type of the torchvision ResNets the backbone supports.
-_RESNETS = {
-    ((1, 1, 1, 1), False): "resnet10",
-    ((2, 2, 2, 2), False): "resnet18",
-    ((3, 4, 6, 3), False): "resnet34",
-    ((3, 4, 6, 3), True): "resnet50",
-    ((3, 4, 23, 3), True): "resnet101",
-}
+# (blocks per stage of layer1..layer4, bottleneck blocks) -> name, of the ResNets the backbone supports.
+_RESNETS = {(tuple(layers), issubclass(block, Bottleneck)): name for name, (block, layers) in RESNET_LAYOUTS.items()}
 DEFAULT_NHEADS = 8
 
 
@@ -129,8 +125,8 @@ def backbone_name(state: Mapping[str, torch.Tensor], where: str) -> str:
         kind = "bottleneck" if bottleneck else "basic"
         raise CheckpointError(
             f"{where}: the backbone has {blocks} {kind} blocks in layer1..layer4, which is none of the supported "
-            "ResNets (resnet10 [1,1,1,1] basic, resnet18 [2,2,2,2] basic, resnet34 [3,4,6,3] basic, "
-            "resnet50 [3,4,6,3] bottleneck, resnet101 [3,4,23,3] bottleneck)"
+            "ResNets (" + ", ".join(f"{name} {list(layers)} {'bottleneck' if bottleneck else 'basic'}"
+                                    for (layers, bottleneck), name in _RESNETS.items()) + ")"
         )
     return name
 

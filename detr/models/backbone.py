@@ -23,15 +23,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from detr.errors import CheckpointError
 
-RESNET_NAMES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101")
-# Output channels of layer2, layer3, layer4.
-_STAGE_CHANNELS = {
-    "resnet10": (128, 256, 512),
-    "resnet18": (128, 256, 512),
-    "resnet34": (128, 256, 512),
-    "resnet50": (512, 1024, 2048),
-    "resnet101": (512, 1024, 2048),
-}
+# Width of layer2, layer3, layer4 before a block's expansion (x1 BasicBlock, x4 Bottleneck).
+_STAGE_WIDTHS = (128, 256, 512)
 _OUTPUT_STAGES = ("layer2", "layer3", "layer4")  # strides 8, 16, 32
 # Trainable stages counted from the top; "conv1" includes its BatchNorm "bn1".
 _STAGES_TOP_DOWN = (("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1"))
@@ -194,7 +187,7 @@ class Backbone(nn.Module):
         stages = _OUTPUT_STAGES[len(_OUTPUT_STAGES) - num_levels :]
         self.body = IntermediateLayerGetter(resnet, return_layers={stage: str(i) for i, stage in enumerate(stages)})
         all_strides = (8, 16, 16 if dilation else 32)
-        all_channels = _STAGE_CHANNELS[name]
+        all_channels = [width * RESNET_LAYOUTS[name][0].expansion for width in _STAGE_WIDTHS]
         self.strides = [all_strides[_OUTPUT_STAGES.index(s)] for s in stages]
         self.num_channels = [all_channels[_OUTPUT_STAGES.index(s)] for s in stages]
 
@@ -229,20 +222,22 @@ class Backbone(nn.Module):
         return features
 
 
-# torchvision's ResNet depths (resnet10: ResNet-18 with one block per stage, not one of its presets).
-_RESNET_LAYOUTS = {
+# Block type and blocks per stage (layer1..layer4) of torchvision's ResNets (resnet10: ResNet-18 with one
+# block per stage, not one of its presets). The checkpoint converters recognize a backbone by them.
+RESNET_LAYOUTS = {
     "resnet10": (FoldedBasicBlock, [1, 1, 1, 1]),
     "resnet18": (FoldedBasicBlock, [2, 2, 2, 2]),
     "resnet34": (FoldedBasicBlock, [3, 4, 6, 3]),
     "resnet50": (FoldedBottleneck, [3, 4, 6, 3]),
     "resnet101": (FoldedBottleneck, [3, 4, 23, 3]),
 }
+RESNET_NAMES = tuple(RESNET_LAYOUTS)
 
 
 def _resnet(name: str, **kwargs) -> torchvision.models.ResNet:
     """torchvision's ResNet class with random weights (never downloaded) and blocks that fold their
     norms into their convolutions: the modules and keys of ``torchvision.models.<name>``."""
-    block, layers = _RESNET_LAYOUTS[name]
+    block, layers = RESNET_LAYOUTS[name]
     return torchvision.models.ResNet(block, layers, **kwargs)
 
 
