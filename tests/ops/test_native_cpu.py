@@ -68,6 +68,34 @@ def test_points_outside_every_map_give_zero_output_and_gradients(native_cpu):
     assert all(torch.count_nonzero(g) == 0 for g in grads)
 
 
+@pytest.mark.parametrize("channels", [32, 0])
+def test_backward_writes_every_location_and_weight_gradient(native_cpu, channels):
+    # The backward allocates these two gradients uninitialized (its kernel writes each point's, zeros for
+    # points outside every map) and zeroes them only when the kernel does not run (D = 0). With
+    # deterministic algorithms on, PyTorch fills uninitialized memory with NaN, so a skipped point shows.
+    inputs = case_inputs([(5, 4), (3, 2)], batch=2, heads=2, channels=channels, points=3, queries=7, kinks=False)
+    inputs.sampling_locations[0, :3] = -2.0  # some points outside every map
+    value, shapes, starts, loc, weights = inputs.as_tuple()
+    grad_out = torch.randn(2, 7, 2 * channels, dtype=torch.float64)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.isnan(torch.empty(3, dtype=torch.float64)).all()  # the fill is on
+        _, grad_loc, grad_weights = torch.ops.detr_ops.ms_deform_attn_backward(value, shapes, starts, loc, weights,
+                                                                             grad_out)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    leaves = [t.clone().requires_grad_(True) for t in (value, loc, weights)]
+    expected = torch.autograd.grad(ms_deform_attn_reference(leaves[0], shapes, starts, leaves[1], leaves[2]),
+                                   leaves, grad_out, allow_unused=True)
+    torch.testing.assert_close(grad_loc, expected[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_weights, expected[2], rtol=1e-10, atol=1e-10)
+    assert torch.count_nonzero(grad_weights[0, :3]) == 0
+
+
 @pytest.mark.parametrize("channels", [30, 32, 64, 71, 1025])
 def test_gradcheck_float64(native_cpu, channels):
     # Small maps keep the numerical Jacobian (two forwards per input element) fast; D = 1025 uses

@@ -203,9 +203,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   // float16/bfloat16 gradients are summed in a float32 buffer and rounded once at the end.
   const bool reduced = is_reduced_float(value.scalar_type());
   at::Tensor grad_value_acc = at::zeros(value.sizes(), value.options().dtype(reduced ? at::kFloat : value.scalar_type()));
-  at::Tensor grad_locations = at::zeros_like(locations);
-  at::Tensor grad_weights = at::zeros_like(weights);
-  if (s.batch * s.queries * s.heads * s.channels > 0 && s.levels * s.points > 0) {
+  // The kernel writes every location and attention-weight gradient (zeros for points outside every map),
+  // so those start uninitialized; only when it does not run (no channels) are they zero.
+  const bool runs = s.batch * s.queries * s.heads * s.channels > 0 && s.levels * s.points > 0;
+  at::Tensor grad_locations = runs ? at::empty_like(locations) : at::zeros_like(locations);
+  at::Tensor grad_weights = runs ? at::empty_like(weights) : at::zeros_like(weights);
+  if (runs) {
     DETR_DISPATCH_VALUE_AND_COORD(value.scalar_type(), locations.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       DETR_DISPATCH_CHANNELS(s.channels, [&] {
