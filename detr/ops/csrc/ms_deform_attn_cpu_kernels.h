@@ -41,8 +41,8 @@ struct KernelArgs {
   scalar_t* out;                // forward: [N, Lq, M * D]
   const scalar_t* grad_output;  // backward: [N, Lq, M * D]
   acc_t* grad_value;            // backward: [N, S, M, D], zero-initialized
-  coord_t* grad_locations;      // backward: like locations
-  coord_t* grad_weights;        // backward: like weights
+  coord_t* grad_locations;      // backward: like locations, uninitialized (every element is written)
+  coord_t* grad_weights;        // backward: like weights, uninitialized (every element is written)
   MsdaSizes s;
 };
 
