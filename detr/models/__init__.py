@@ -8,6 +8,7 @@ Modules (one concept each):
     deformable_layers    Deformable DETR encoder/decoder layers and stacks (iterative box refinement)
     deformable_transformer  Deformable DETR transformer: level embeddings, reference points, two-stage
     heads                MLP box head and ``inverse_sigmoid``
+    inplace              ReLU and masked fill in place only where autograd does not record them
     detr / deformable_detr  the two detectors (forward returns outputs, never a loss)
     matcher              Hungarian matcher (scipy ``linear_sum_assignment``)
     criterion            set criterion (classification, L1, GIoU, auxiliary and encoder losses)

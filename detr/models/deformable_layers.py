@@ -14,9 +14,9 @@ import copy
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from detr.models import inplace
 from detr.models.heads import inverse_sigmoid
 from detr.models.ms_deform_attn import MSDeformAttn
 
@@ -45,7 +45,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         """src, pos [B, S, C]; reference_points [B, S, L, 2]; padding_mask [B, S] -> [B, S, C]."""
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
+        ffn = self.linear2(self.dropout2(inplace.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(ffn))
 
 
@@ -83,7 +83,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                                memory_padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attn))
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt), inplace=True)))
+        ffn = self.linear2(self.dropout3(inplace.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(ffn))
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detr.models import inplace
 from detr.ops import ms_deform_attn
 
 
@@ -84,9 +85,11 @@ class MSDeformAttn(nn.Module):
         m, lv, p = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
-            if _exporting():  # exported in place, the ONNX model disagrees with eager (test_export)
+            # In place only where nothing records it (detr.models.inplace); an ONNX export of the
+            # in-place form disagrees with eager (test_export).
+            if _exporting() or inplace.recorded(value):
                 value = value.masked_fill(input_padding_mask[..., None], 0.0)
-            else:  # in place: the projection's output is ours alone (its backward does not need it)
+            else:
                 value.masked_fill_(input_padding_mask[..., None], 0.0)
         value = value.view(n, len_in, m, self.d_model // m)  # [N, S, M, D]
         # Locations and weights stay in float32 under autocast: a half/bfloat16 location in [0, 1]

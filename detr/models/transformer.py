@@ -13,8 +13,9 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from detr.models import inplace
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -31,7 +32,7 @@ class TransformerEncoderLayer(nn.Module):
         self.normalize_before = normalize_before
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x), inplace=True)))
+        return self.linear2(self.dropout(inplace.relu(self.linear1(x))))
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         """src, pos [B, S, C]; key_padding_mask [B, S] (True = padding) -> [B, S, C]."""
@@ -63,7 +64,7 @@ class TransformerDecoderLayer(nn.Module):
         self.normalize_before = normalize_before
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x), inplace=True)))
+        return self.linear2(self.dropout(inplace.relu(self.linear1(x))))
 
     def forward(
         self,
