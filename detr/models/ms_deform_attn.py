@@ -100,9 +100,10 @@ class MSDeformAttn(nn.Module):
         logits = self.attention_weights(query).view(n, len_q, m, lv * p).to(dtype)
         weights = F.softmax(logits, -1).view(n, len_q, m, lv, p)
         if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level: divide by (W_l, H_l). Laid out so that the broadcast
-            # runs over whole rows of L * P * 2 values (the heads): broadcasting the reference points over
-            # P and the sizes over P and 2 in the innermost dimensions made this pass 5x slower.
+            # Offsets are in pixels of each level: divide by (W_l, H_l). Reference points [N, Lq, 1, L*P*2]
+            # and sizes [L*P*2] are laid out as whole rows first, so that the only broadcast is over the
+            # heads, an outer dimension; broadcasting them over P (and the sizes over x, y) in the innermost
+            # dimensions made this pass 5x slower.
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
             point_values = lv * p * 2
             base = reference_points[:, :, :, None, :].expand(n, len_q, lv, p, 2).reshape(n, len_q, 1, point_values)
