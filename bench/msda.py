@@ -166,13 +166,18 @@ def _run_worker(case: str, backend: str, mode: str, device: str, threads: int, r
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _worker_env() -> dict[str, str]:
+    """The environment of a worker process: this checkout's package first on its path."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
 def _measure(case: str, backend: str, mode: str, device: str, threads: int, repeats: int, clock: str,
              dtype: str) -> dict:
     """CPU: times from one subprocess with the allocator as users run it; peak memory from a second one.
     CUDA: in this process (the device's peak counter is per measurement; a process start costs seconds)."""
     if device == "cuda":
         return _worker(case, backend, mode, device, threads, repeats, clock, dtype)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = _worker_env()
     timed = _run_worker(case, backend, mode, device, threads, repeats, clock, dtype, env)
     # A fixed mmap threshold makes glibc return every large block to the OS when freed, so resident
     # memory follows live tensors (the default adaptive threshold keeps freed blocks resident). It
@@ -195,8 +200,7 @@ def _measure_rounds(case: str, device: str, threads: int, repeats: int, clock: s
                 if round_index == 0:
                     results[backend, mode] = _measure(case, backend, mode, device, threads, repeats, clock, dtype)
                     continue
-                env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-                again = _run_worker(case, backend, mode, device, threads, repeats, clock, dtype, env)
+                again = _run_worker(case, backend, mode, device, threads, repeats, clock, dtype, _worker_env())
                 best = results[backend, mode]
                 best["best_s"] = min(best["best_s"], again["best_s"])
                 best["median_s"] = min(best["median_s"], again["median_s"])

@@ -1,4 +1,4 @@
-"""In-place activation where autograd does not record it, out of place where it does.
+"""In-place ReLU and masked fill where autograd does not record them, out of place where it does.
 
 In inference an in-place ReLU or masked fill on a layer's output saves an allocation and a pass over
 it. Under autograd the same op costs more than it saves: for 3-D input ``F.linear`` returns a view of
@@ -22,3 +22,8 @@ def recorded(tensor: torch.Tensor) -> bool:
 def relu(tensor: torch.Tensor) -> torch.Tensor:
     """``F.relu``, in place unless autograd records it."""
     return F.relu(tensor, inplace=not recorded(tensor))
+
+
+def masked_fill(tensor: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
+    """``tensor.masked_fill(mask, value)``, in place unless autograd records it."""
+    return tensor.masked_fill(mask, value) if recorded(tensor) else tensor.masked_fill_(mask, value)

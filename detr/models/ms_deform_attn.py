@@ -85,12 +85,9 @@ class MSDeformAttn(nn.Module):
         m, lv, p = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
-            # In place only where nothing records it (detr.models.inplace); an ONNX export of the
-            # in-place form disagrees with eager (test_export).
-            if _exporting() or inplace.recorded(value):
-                value = value.masked_fill(input_padding_mask[..., None], 0.0)
-            else:
-                value.masked_fill_(input_padding_mask[..., None], 0.0)
+            # An ONNX export of the in-place form disagrees with eager (test_export).
+            fill = torch.Tensor.masked_fill if _exporting() else inplace.masked_fill
+            value = fill(value, input_padding_mask[..., None], 0.0)
         value = value.view(n, len_in, m, self.d_model // m)  # [N, S, M, D]
         # Locations and weights stay in float32 under autocast: a half/bfloat16 location in [0, 1]
         # would be off by up to a pixel on a 100-pixel map.

@@ -37,6 +37,20 @@ def test_relu_runs_in_place_only_where_nothing_records_it():
     torch.testing.assert_close(out, torch.relu(hidden), rtol=0, atol=0)
 
 
+def test_masked_fill_runs_in_place_only_where_nothing_records_it():
+    linear = nn.Linear(4, 6)
+    x = torch.randn(2, 3, 4)
+    mask = torch.tensor([[True], [False], [True]])
+    with torch.no_grad():
+        hidden = linear(x)
+        assert inplace.masked_fill(hidden, mask, 0.0) is hidden and not hidden[:, 0].any()
+    hidden = linear(x)
+    out = inplace.masked_fill(hidden, mask, 0.0)
+    assert out is not hidden and hidden[:, 0].all()
+    assert "CopySlices" not in _graph_nodes(out)
+    torch.testing.assert_close(out, hidden.masked_fill(mask, 0.0), rtol=0, atol=0)
+
+
 def test_training_graphs_of_the_encoder_layers_have_no_copy_slices():
     torch.manual_seed(0)
     src = torch.randn(2, 12, 32)
