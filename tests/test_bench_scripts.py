@@ -93,3 +93,18 @@ def test_msda_bench_takes_each_cells_best_over_rounds():
     assert all(cell.endswith("x") for cell in rows["native speed-up / memory fraction"][:2])
     refused = _run("msda.py", "--rounds", "0")
     assert refused.returncode == 2 and "--rounds 0: at least 1" in refused.stderr
+
+
+def test_strided_conv_bench_compares_equal_weight_gradients():
+    done = _run("strided_conv.py", "--sizes", "512x512", "--batch", "2", "--rounds", "1", "--threads", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(" 512x512")]
+    assert [(row[1], row[2]) for row in rows] == [(network, stage) for network in ("resnet50", "resnet18")
+                                                  for stage in ("layer2", "layer3", "layer4")]
+    for row in rows:
+        onednn_ms, split_ms, ratio, apart, used = float(row[-5]), float(row[-4]), row[-3], float(row[-2]), row[-1]
+        assert onednn_ms > 0 and split_ms > 0 and ratio.endswith("x") and apart < 1e-5
+    # Only ResNet-50's layer2 input ([2, 128, 128, 128], 16 MiB) is large enough for the split.
+    assert [row[-1] for row in rows] == ["yes", "no", "no", "no", "no", "no"]
+    refused = _run("strided_conv.py", "--sizes", "512")
+    assert refused.returncode == 2 and "--sizes '512': expected HEIGHTxWIDTH" in refused.stderr

@@ -22,6 +22,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 from detr.errors import CheckpointError
+from detr.models import strided_conv
 
 # Width of layer2, layer3, layer4 before a block's expansion (x1 BasicBlock, x4 Bottleneck).
 _STAGE_WIDTHS = (128, 256, 512)
@@ -57,15 +58,20 @@ def conv_norm(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module) -> torch.Tensor
     x [B, C_in, H, W] -> [B, C_out, H', W'], in x's memory format (the weight's, when channels-last).
     """
     if isinstance(norm, nn.BatchNorm2d) and (norm.training or norm.running_var is None):
-        return norm(conv(x))
+        return norm(_conv(x, conv, conv.weight, conv.bias))
     if not isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)):
         raise TypeError(f"conv_norm folds BatchNorm2d or FrozenBatchNorm2d, got {type(norm).__name__}")
     tensors = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
     trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if trains and _output_elements(x, conv) < conv.weight.numel():
-        return norm(conv(x))
+        return norm(_conv(x, conv, conv.weight, conv.bias))
     weight, bias = _folded(conv, norm, tensors, keep=not trains)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _conv(x, conv, weight, bias)
+
+
+def _conv(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv``'s convolution with the given weight and bias (``strided_conv`` for its stride-2 weight gradient)."""
+    return strided_conv.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def _output_elements(x: torch.Tensor, conv: nn.Conv2d) -> int:
