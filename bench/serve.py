@@ -128,11 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=40, help="timed requests per latency measurement")
     parser.add_argument("--throughput-requests", type=int, default=48, help="requests per throughput point")
     args = parser.parse_args(argv)
+    # The checkpoint, the tracking store and the servers' logs; a server that fails prints its log's tail.
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as work:
+        return run(args, Path(work))
 
+
+def run(args: argparse.Namespace, work: Path) -> int:
     from deploy.detector import Detector
     from deploy.images import decode_image_bytes
 
-    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     checkpoint = args.checkpoint or tiny_checkpoint(work / "tiny.pt")
     jpeg = jpeg_640x480()
     print(f"model {checkpoint}, image 640x480 JPEG ({len(jpeg)} bytes), torch threads {torch.get_num_threads()}, "

@@ -15,10 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_serve_bench_prints_overheads_and_throughputs(tmp_path):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
     done = subprocess.run([sys.executable, str(REPO / "bench" / "serve.py"), "--requests", "2",
                            "--throughput-requests", "4"], capture_output=True, text=True, timeout=900, cwd=tmp_path,
-                          env=dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_DISABLE_TELEMETRY="true"))
+                          env=dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_DISABLE_TELEMETRY="true",
+                                   TMPDIR=str(temporary)))
     assert done.returncode in (0, 1), done.stderr[-3000:]
+    assert not any(temporary.glob("bench-serve-*")), "the benchmark left its working directory behind"
     out = done.stdout
     for name in ("in-process Detector.detect", "detr serve ", "detr serve --no-batching", "mlflow models serve"):
         assert any(line.strip().startswith(name.strip()) and "p50" in line for line in out.splitlines()), (name, out)
