@@ -47,8 +47,8 @@ setup: system-packages
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/detr demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
-# The whole test suite, slow tests included.
-# The whole suite, as CI runs it; the 25 slowest tests are listed at the end, to keep the run under 25 minutes.
+# The whole test suite, slow tests included, as CI runs it; the 25 slowest tests are listed at the end, to keep
+# the run under 25 minutes.
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "slow or not slow" --durations=25 $(PYTEST_ARGS)
 
