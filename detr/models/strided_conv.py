@@ -2,8 +2,8 @@
 
 On CPU, oneDNN (torch 2.14) computes the weight gradient of a stride-2 3x3 convolution in channels-last
 memory at a fraction of its stride-1 rate once the input is large: ResNet-50's layer2 at 512x512
-(batch 2, a [2, 128, 128, 128] input, 16 MiB) takes 41-47 ms, about 100 GFLOP/s below the rate of a
-stride-1 3x3 convolution of the same work. The same gradient is a sum over the four phases of the
+(batch 2, a [2, 128, 128, 128] input, 16 MiB) takes 41-47 ms, 51-59 GFLOP/s, a third of the rate of
+a stride-1 3x3 convolution's weight gradient. The same gradient is a sum over the four phases of the
 input (even or odd rows, even or odd columns), each a stride-1 convolution's weight gradient with a
 1- or 2-tap kernel, which oneDNN runs at its full rate: 19.5-24 ms there. On inputs of 8 MiB and less
 the two forms take the same time and on small ones the four calls cost more, so the split is used
