@@ -1,5 +1,5 @@
-"""Smoke runs of the benchmarks (bench/train_step.py, bench/profile_step.py, bench/msda.py, ...) on the CPU: they
-run, and print the rows their README describes. Their numbers are not checked: speed is for benchmarks."""
+"""Smoke runs of the benchmarks (bench/train_step.py, bench/profile_step.py, ...; bench/msda.py in tests/ops) on the
+CPU: they run, and print the rows their README describes. Their numbers are not checked: speed is for benchmarks."""
 
 from __future__ import annotations
 
@@ -79,20 +79,6 @@ def test_frozen_batchnorm_bench_compares_equal_outputs():
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith("  ")]
     assert [row[0] for row in rows] == ["forward", "forward+backward"]
     assert all(row[1] == "torchvision" and "folded" in row for row in rows)
-
-
-@pytest.mark.slow
-def test_msda_bench_takes_each_cells_best_over_rounds():
-    done = _run("msda.py", "--cases", "c", "--device", "cpu", "--threads", "1", "--quick", "--rounds", "2")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "best of 2 rounds" in done.stdout.splitlines()[0]
-    rows = {line[:40].strip(): line[40:].split() for line in done.stdout.splitlines() if line.startswith("  ")}
-    for backend in ("native", "reference"):
-        forward_ms, both_ms, *_memory = (float(cell) for cell in rows[backend])
-        assert 0 < forward_ms < both_ms, backend
-    assert all(cell.endswith("x") for cell in rows["native speed-up / memory fraction"][:2])
-    refused = _run("msda.py", "--rounds", "0")
-    assert refused.returncode == 2 and "--rounds 0: at least 1" in refused.stderr
 
 
 def test_strided_conv_bench_compares_equal_weight_gradients():

@@ -1,4 +1,5 @@
-"""Smoke run of bench/msda.py (the decoder case, one timed call per measurement)."""
+"""Smoke run of bench/msda.py (the decoder case, one timed call per measurement, each cell the best of two
+processes)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_bench_runs_and_reports_ratios(native_cpu):
     done = subprocess.run([sys.executable, str(REPO / "bench" / "msda.py"), "--cases", "c", "--repeats", "1",
-                           "--device", "cpu", "--threads", "1"], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+                           "--device", "cpu", "--threads", "1", "--rounds", "2"], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
+    assert "best of 2 rounds" in lines[0]
     assert any(line.startswith("decoder N=1 800x1333, 300 queries") for line in lines)
     for backend in ("native", "reference"):
         row = next(line for line in lines if line.strip().startswith(backend))
@@ -44,3 +46,8 @@ def test_bench_rejects_unknown_dtypes():
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert done.returncode == 2 and "--dtypes 'fp32,int8': choose from fp32, bf16, fp16" in done.stderr
 
+
+def test_bench_rejects_zero_rounds():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "msda.py"), "--rounds", "0"], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 2 and "--rounds 0: at least 1" in done.stderr
