@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from detr.models import inplace
 
 # Where the split pays (bench/README.md, `strided_conv.py`): from this many bytes of input, batch included.
 MIN_INPUT_BYTES = 12 * 2**20
@@ -36,7 +39,7 @@ def uses_phase_split(x: torch.Tensor, weight: torch.Tensor, stride, padding, dil
     """A float32 channels-last CPU stride-2 3x3 convolution (padding 1, no dilation or groups) whose weight
     trains and whose input x [B, C_in, H, W] holds at least ``MIN_INPUT_BYTES``; outside autocast, tracing
     and compilation (they record ``F.conv2d`` itself)."""
-    if not (torch.is_grad_enabled() and weight.requires_grad) or x.dim() != 4:
+    if not inplace.recorded(weight) or x.dim() != 4:
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
@@ -47,10 +50,6 @@ def uses_phase_split(x: torch.Tensor, weight: torch.Tensor, stride, padding, dil
     if tuple(weight.shape[-2:]) != (3, 3) or not x.is_contiguous(memory_format=torch.channels_last):
         return False
     return x.numel() * x.element_size() >= MIN_INPUT_BYTES
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 class _PhaseSplitConv(torch.autograd.Function):
@@ -91,21 +90,19 @@ def phase_split_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, weight: 
     height, width = x.shape[2:]
     out_h, out_w = grad_output.shape[2:]
     grad_weight = torch.empty_like(weight)
-    # Per axis: (first input row, the taps it meets, rows of zero padding at grad_output's end).
-    even, odd = slice(1, 2), slice(0, 3, 2)
-    phases_h = ((0, even, 0), (1, odd, height // 2 + 1 - out_h))
-    phases_w = ((0, even, 0), (1, odd, width // 2 + 1 - out_w))
-    for start_h, taps_h, pad_h in phases_h:
-        for start_w, taps_w, pad_w in phases_w:
+    # Per axis: (first input row, the taps it meets, how many, rows of zero padding at grad_output's end).
+    phases_h = ((0, slice(1, 2), 1, 0), (1, slice(0, 3, 2), 2, height // 2 + 1 - out_h))
+    phases_w = ((0, slice(1, 2), 1, 0), (1, slice(0, 3, 2), 2, width // 2 + 1 - out_w))
+    for start_h, taps_h, kernel_h, pad_h in phases_h:
+        for start_w, taps_w, kernel_w, pad_w in phases_w:
             phase = x[:, :, start_h::2, start_w::2].contiguous(memory_format=torch.channels_last)
             grad = grad_output
             if pad_h or pad_w:
                 grad = F.pad(grad_output, (0, pad_w, 0, pad_h)).contiguous(memory_format=torch.channels_last)
-            kernel = (len(range(3)[taps_h]), len(range(3)[taps_w]))
             # Only the weight's shape and layout matter for its gradient.
-            like = torch.empty((out_channels, in_channels, *kernel), dtype=x.dtype, device=x.device,
+            like = torch.empty((out_channels, in_channels, kernel_h, kernel_w), dtype=x.dtype, device=x.device,
                                memory_format=torch.channels_last)
             grad_weight[:, :, taps_h, taps_w] = torch.ops.aten.convolution_backward(
-                grad, phase, like, None, (1, 1), (kernel[0] - 1, kernel[1] - 1), (1, 1), False, (0, 0), 1,
-                (False, True, False))[1]  # [C_out, C_in, kernel]
+                grad, phase, like, None, (1, 1), (kernel_h - 1, kernel_w - 1), (1, 1), False, (0, 0), 1,
+                (False, True, False))[1]  # [C_out, C_in, kernel_h, kernel_w]
     return grad_weight
